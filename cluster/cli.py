@@ -1,0 +1,85 @@
+"""The `chatvec` command. Subcommands live in their own modules and are imported only when run,
+so `chatvec --help` and a `--workers 0` merge never pay for importing Ray."""
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from merge.errors import ChatvecError
+
+# name -> "module:attribute" of a click.Command
+COMMANDS = {
+    "extract": ("cluster.cmd_merge:extract", "Write a chat vector (chat - base) as a safetensors checkpoint."),
+    "merge": ("cluster.cmd_merge:merge", "Merge CP + ratio * (chat - base) into a new checkpoint."),
+    "benchmarks": ("cluster.cmd_eval:benchmarks", "List the benchmarks chatvec ships."),
+    "eval": ("cluster.cmd_eval:eval_cmd", "Evaluate models over languages and benchmarks."),
+    "sweep": ("cluster.cmd_sweep:sweep", "Run a sweep: merges x evaluation x report."),
+    "nightly": ("cluster.cmd_sweep:nightly", "Run a sweep as tonight's run and check for regressions."),
+    "results": ("cluster.cmd_sweep:results", "List runs, print a run's summary or compare two runs."),
+    "demo": ("cluster.cmd_demo:demo", "Build tiny models and run the whole pipeline on them."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(name for name, (target, _h) in COMMANDS.items() if _available(target))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        target, _help = COMMANDS[name]
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                return None
+            raise
+        return getattr(module, attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Short help from the table, so `--help` imports no subcommand module.
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def _available(target: str) -> bool:
+    return importlib.util.find_spec(target.split(":")[0]) is not None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.version_option(package_name="chatvec")
+def cli(verbose: int) -> None:
+    """chatvec: chat vectors (arXiv 2310.04799) merged and evaluated at cluster scale."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        rv = cli.main(args=argv, prog_name="chatvec", standalone_mode=False)
+    except ChatvecError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    # a command may return an int: its exit status (e.g. nightly's regression status)
+    if isinstance(rv, int) and rv:
+        sys.exit(rv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Tiny models and worlds that the demo and the tests build for themselves (no hub downloads)."""

@@ -1,0 +1,78 @@
+"""Load YAML into pydantic models with errors that name the key and the line."""
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from merge.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _line_of(node: Any, loc: tuple) -> int | None:
+    """Follow a pydantic error location through the composed YAML tree to a 1-based line."""
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(key):
+                    line = k.start_mark.line + 1
+                    node = v
+                    break
+            else:
+                break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def parse_model(text: str, model: type[M], source: str) -> M:
+    """Parse YAML text into `model`; every problem is listed in one ConfigError."""
+    try:
+        data = yaml.safe_load(text)
+        tree = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            key = ".".join(str(p) for p in loc) or "(top level)"
+            line = _line_of(tree, loc)
+            where = f"line {line}: " if line else ""
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (check its spelling against the documented keys)"
+            elif "input" in err and err["type"] != "missing":
+                msg = f"{msg} (got {err['input']!r})"
+            problems.append(f"{where}{key}: {msg}")
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems)) from None
+
+
+def load_model(path: str, model: type[M]) -> M:
+    """Read a YAML file (local path or any storage URI) into `model`."""
+    from merge.storage import Store, is_local, local_path
+    import os
+    import posixpath
+
+    if is_local(path):
+        p = local_path(path)
+        if not os.path.isfile(p):
+            raise ConfigError(f"{path} does not exist: pass the path of a YAML file")
+        with open(p, encoding="utf-8") as fh:
+            text = fh.read()
+    else:
+        parent, name = posixpath.split(path.rstrip("/"))
+        text = Store(parent).read_text(name)
+    return parse_model(text, model, path)
