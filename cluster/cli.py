@@ -20,6 +20,7 @@ COMMANDS = {
     "nightly": ("cluster.cmd_sweep:nightly", "Run a sweep as tonight's run and check for regressions."),
     "results": ("cluster.cmd_sweep:results", "List runs, print a run's summary or compare two runs."),
     "demo": ("cluster.cmd_demo:demo", "Build tiny models and run the whole pipeline on them."),
+    "toyworld": ("cluster.cmd_toyworld:toyworld", "Build the seeded toy world where the chat vector effect is real."),
 }
 
 
