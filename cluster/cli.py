@@ -19,7 +19,7 @@ COMMANDS = {
     "sweep": ("cluster.cmd_sweep:sweep", "Run a sweep: merges x evaluation x report."),
     "nightly": ("cluster.cmd_sweep:nightly", "Run a sweep as tonight's run and check for regressions."),
     "results": ("cluster.cmd_sweep:results", "List runs, print a run's summary or compare two runs."),
-    "demo": ("cluster.cmd_demo:demo", "Build tiny models and run the whole pipeline on them."),
+    "demo": ("cluster.cmd_demo:demo", "Merge and evaluate the toy world's chat vector (the main demo)."),
     "toyworld": ("cluster.cmd_toyworld:toyworld", "Build the seeded toy world where the chat vector effect is real."),
 }
 

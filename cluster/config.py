@@ -47,9 +47,13 @@ class MergeSettings(_Strict):
     @field_validator("shard_size")
     @classmethod
     def _size(cls, v: str) -> str:
+        from merge.errors import ConfigError
         from merge.units import parse_size
 
-        parse_size(v)
+        try:
+            parse_size(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return v
 
 

@@ -45,19 +45,42 @@ def parse_model(text: str, model: type[M], source: str) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = []
+        # A value that fits no member of a union gives one error per member, each with a type
+        # tag appended to its location: report them as one problem at the key itself.
+        grouped: dict[tuple, list[dict]] = {}
         for err in exc.errors():
-            loc = tuple(err["loc"])
+            grouped.setdefault(_data_path(data, tuple(err["loc"])), []).append(err)
+        problems = []
+        for loc, errs in grouped.items():
             key = ".".join(str(p) for p in loc) or "(top level)"
             line = _line_of(tree, loc)
             where = f"line {line}: " if line else ""
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
+            if errs[0]["type"] == "extra_forbidden":
                 msg = "unknown key (check its spelling against the documented keys)"
-            elif "input" in err and err["type"] != "missing":
-                msg = f"{msg} (got {err['input']!r})"
+            else:
+                msg = " or ".join(dict.fromkeys(e["msg"] for e in errs))
+                if "input" in errs[0] and errs[0]["type"] != "missing":
+                    msg = f"{msg} (got {errs[0]['input']!r})"
             problems.append(f"{where}{key}: {msg}")
         raise ConfigError(f"{source} is invalid:\n" + "\n".join(f"  - {p}" for p in problems)) from None
+
+
+def _data_path(data: Any, loc: tuple) -> tuple:
+    """The part of a pydantic location that names keys present in the data (or missing ones)."""
+    path = []
+    node = data
+    for i, key in enumerate(loc):
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and isinstance(key, int) and key < len(node):
+            node = node[key]
+        elif isinstance(node, dict) and i == len(loc) - 1:
+            path.append(key)  # a missing or unknown key: still name it
+            break
+        else:
+            break
+        path.append(key)
+    return tuple(path)
 
 
 def load_model(path: str, model: type[M]) -> M:

@@ -1,0 +1,58 @@
+"""Engines by name, and the one function that loads a model into one.
+
+``LOAD_COUNTS`` counts, per process, how many times each model URI was loaded; the Ray driver
+collects it from its actors to show that every model is loaded once per run.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections import Counter
+
+from eval.engines.base import (
+    Decoding,
+    Engine,
+    Generation,
+    GenerationRequest,
+    Loglikelihood,
+    LoglikelihoodRequest,
+)
+from merge.errors import InputError
+
+__all__ = ["ENGINES", "LOAD_COUNTS", "Decoding", "Engine", "Generation", "GenerationRequest", "Loglikelihood",
+           "LoglikelihoodRequest", "engine_class", "load_engine"]
+
+logger = logging.getLogger(__name__)
+
+# name -> "module:class"; imported only when used, so vllm stays optional
+ENGINES = {
+    "hf": "eval.engines.hf:HFEngine",
+    "vllm": "eval.engines.vllm:VLLMEngine",
+}
+
+LOAD_COUNTS: Counter = Counter()
+
+
+def engine_class(name: str) -> type[Engine]:
+    if name not in ENGINES:
+        raise InputError(f"unknown engine {name!r}; choose one of {', '.join(sorted(ENGINES))}")
+    module, attr = ENGINES[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def load_engine(name: str, model_uri: str, *, device: str = "auto", dtype: str = "auto", batch_size: int = 16,
+                gpus: int = 1, cache_dir: str | None = None, **kwargs) -> Engine:
+    """Load the model at ``model_uri`` (local folder or any storage URI) into engine ``name``."""
+    from eval.modelcache import local_model_dir
+
+    cls = engine_class(name)
+    path = local_model_dir(model_uri, cache_dir)
+    start = time.perf_counter()
+    try:
+        engine = cls(path, device=device, dtype=dtype, batch_size=batch_size, gpus=gpus, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot load model {model_uri} with the {name} engine: {exc}") from exc
+    LOAD_COUNTS[model_uri] += 1
+    logger.info("loaded %s with %s in %.1f s", model_uri, name, time.perf_counter() - start)
+    return engine

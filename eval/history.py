@@ -1,0 +1,313 @@
+"""The runs dataset: every run's results under one root, compared run against run.
+
+Layout under the storage root (one Parquet dataset, hive-partitioned by run)::
+
+    results/run=<run_id>/summary.parquet          one row per model x language x benchmark x metric
+    results/run=<run_id>/samples/model=.../...    one file per (model, language, benchmark) cell
+    results/run=<run_id>/sweep.json               what the run was: sweep, models, status, times
+
+A regression is a change in the bad direction larger than ``k * sqrt(se_a^2 + se_b^2)`` (and
+larger than ``min_delta``): the two runs' means differ by more than their noise allows. Metrics
+where lower is better (perplexity, unsafe rate, toxicity) are recognised by name.
+
+No Ray here: this module reads files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+import pyarrow as pa
+
+from merge.errors import ChatvecError, InputError
+from merge.storage import Store, join
+
+logger = logging.getLogger(__name__)
+
+RESULTS = "results"
+SUMMARY_FILE = "summary.parquet"
+RUN_FILE = "sweep.json"  # beside the eval run's own run.json
+KEY = ("model", "language", "benchmark", "metric")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Substrings of metric names where a smaller value is the better one.
+LOWER_IS_BETTER = ("perplexity", "ppl", "unsafe", "toxic", "loss", "nll", "bits_per", "error_rate")
+
+
+class RunNotFoundError(ChatvecError):
+    """The asked-for run has no results under the root."""
+
+
+def lower_is_better(metric: str) -> bool:
+    m = metric.lower()
+    return any(s in m for s in LOWER_IS_BETTER)
+
+
+def check_run_id(run_id: str) -> str:
+    if not _RUN_ID.match(run_id or ""):
+        raise ChatvecError(
+            f"run id {run_id!r} is not usable as a folder name: use letters, digits, '.', '_' and '-' "
+            "(at most 128 characters, starting with a letter or digit), e.g. 2024-06-01 or ratio-study-1"
+        )
+    return run_id
+
+
+def run_uri(root: str, run_id: str) -> str:
+    """Where a run's results live: ``<root>/results/run=<run_id>``."""
+    return join(root, RESULTS, f"run={check_run_id(run_id)}")
+
+
+# -- sweep.json ----------------------------------------------------------------------------------
+def write_run_info(root: str, run_id: str, info: dict[str, Any]) -> None:
+    Store(run_uri(root, run_id)).write_text(RUN_FILE, json.dumps(info, indent=2, sort_keys=True, default=str))
+
+
+def read_run_info(root: str, run_id: str) -> dict[str, Any]:
+    """What the sweep recorded about the run; for a run made by plain `chatvec eval`, what the
+    eval run recorded (its start time)."""
+    store = Store(run_uri(root, run_id))
+    for name in (RUN_FILE, "run.json"):
+        if not store.is_file(name):
+            continue
+        try:
+            info = json.loads(store.read_text(name))
+        except json.JSONDecodeError as exc:
+            logger.warning("%s is not valid JSON (%s); ignoring it", store.describe(name), exc)
+            continue
+        if name != RUN_FILE:
+            info = {"started_at": info.get("created_at"), "kind": "eval"}
+        return info
+    return {}
+
+
+# -- listing -------------------------------------------------------------------------------------
+@dataclass
+class RunInfo:
+    run_id: str
+    sweep: str | None = None
+    kind: str | None = None  # "sweep" or "nightly"
+    status: str | None = None  # "running", "finished", "failed"
+    started_at: str | None = None
+    finished_at: str | None = None
+    models: int = 0
+    rows: int = 0
+    failed_cells: list[str] = field(default_factory=list)
+    has_summary: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _run_ids(root: str) -> list[str]:
+    from pyarrow import fs as pafs
+
+    from merge.storage import resolve
+
+    fs, base = resolve(join(root, RESULTS))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
+    except (FileNotFoundError, OSError):
+        return []
+    ids = []
+    for info in infos:
+        name = info.base_name
+        if info.type == pafs.FileType.Directory and name.startswith("run="):
+            ids.append(name[len("run="):])
+    return ids
+
+
+def list_runs(root: str) -> list[RunInfo]:
+    """Every run under ``root``, oldest first (by start time, then run id)."""
+    runs = []
+    for run_id in _run_ids(root):
+        info = read_run_info(root, run_id)
+        store = Store(run_uri(root, run_id))
+        has_summary = store.is_file(SUMMARY_FILE)
+        rows = 0
+        if has_summary:
+            try:
+                rows = _read_parquet(store, SUMMARY_FILE).num_rows
+            except InputError as exc:
+                logger.warning("%s", exc)
+                has_summary = False
+        runs.append(
+            RunInfo(
+                run_id=run_id,
+                sweep=info.get("sweep"),
+                kind=info.get("kind"),
+                status=info.get("status"),
+                started_at=info.get("started_at"),
+                finished_at=info.get("finished_at"),
+                models=len(info.get("models") or []),
+                rows=rows,
+                failed_cells=list(info.get("failed_cells") or []),
+                has_summary=has_summary,
+            )
+        )
+    runs.sort(key=lambda r: (r.started_at or "", r.run_id))
+    return runs
+
+
+def previous_run(root: str, run_id: str, sweep: str | None = None) -> str | None:
+    """The latest run with a summary that started before ``run_id`` (of the same sweep when given)."""
+    runs = [r for r in list_runs(root) if r.has_summary]
+    current = next((r for r in runs if r.run_id == run_id), None)
+    before = []
+    for r in runs:
+        if r.run_id == run_id:
+            continue
+        if sweep is not None and r.sweep != sweep:
+            continue
+        if current is not None and current.started_at and r.started_at:
+            if (r.started_at, r.run_id) >= (current.started_at, current.run_id):
+                continue
+        elif r.run_id >= run_id:
+            continue
+        before.append(r)
+    return before[-1].run_id if before else None
+
+
+# -- summaries -----------------------------------------------------------------------------------
+def _read_parquet(store: Store, rel: str) -> pa.Table:
+    import io
+
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(io.BytesIO(store.read_bytes(rel)))
+    except InputError:
+        raise
+    except Exception as exc:  # a truncated or foreign file
+        raise InputError(f"{store.describe(rel)} is not a readable Parquet file: {exc}") from exc
+
+
+def load_summary(root: str, run_id: str) -> pa.Table:
+    store = Store(run_uri(root, run_id))
+    if not store.is_file(SUMMARY_FILE):
+        known = ", ".join(r.run_id for r in list_runs(root)) or "none"
+        raise RunNotFoundError(
+            f"no summary for run {run_id!r} under {join(root, RESULTS)} (runs there: {known}); "
+            "list runs with `chatvec results --root URI`"
+        )
+    return _read_parquet(store, SUMMARY_FILE)
+
+
+def write_summary(root: str, run_id: str, table: pa.Table) -> str:
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    store = Store(run_uri(root, run_id))
+    store.write_bytes(SUMMARY_FILE, buf.getvalue())
+    return store.describe(SUMMARY_FILE)
+
+
+def load_summaries(root: str, run_ids: Iterable[str] | None = None) -> pa.Table:
+    """The summaries of several runs (all when ``run_ids`` is None) as one table, with ``run``.
+
+    Read as one pyarrow dataset partitioned by ``run=<id>`` folders.
+    """
+    import pyarrow.dataset as ds
+
+    from merge.storage import resolve
+
+    wanted = set(run_ids) if run_ids is not None else None
+    fs, base = resolve(join(root, RESULTS))
+    files = []
+    for rid in _run_ids(root):
+        if wanted is not None and rid not in wanted:
+            continue
+        path = f"{base}/run={rid}/{SUMMARY_FILE}"
+        if Store(run_uri(root, rid)).is_file(SUMMARY_FILE):
+            files.append(path)
+    if not files:
+        from eval.schema import SUMMARY_SCHEMA
+
+        return SUMMARY_SCHEMA.empty_table().append_column("run", pa.array([], pa.string()))
+    dataset = ds.dataset(
+        files, filesystem=fs, format="parquet",
+        partitioning=ds.partitioning(pa.schema([("run", pa.string())]), flavor="hive"),
+        partition_base_dir=base,
+    )
+    return dataset.to_table()
+
+
+# -- comparing -----------------------------------------------------------------------------------
+@dataclass
+class Change:
+    model: str
+    language: str
+    benchmark: str
+    metric: str
+    a: float | None
+    b: float | None
+    se_a: float | None
+    se_b: float | None
+    n_a: int | None
+    n_b: int | None
+    delta: float | None  # b - a
+    threshold: float | None  # how large a drop must be to count
+    lower_is_better: bool
+    regression: bool
+    improvement: bool
+    status: str  # "both", "new" (only in b), "gone" (only in a)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _rows(table: pa.Table) -> dict[tuple, dict]:
+    out = {}
+    for row in table.select([c for c in (*KEY, "value", "stderr", "n") if c in table.column_names]).to_pylist():
+        out[tuple(row[k] for k in KEY)] = row
+    return out
+
+
+def _num(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def compare(a: pa.Table, b: pa.Table, *, k: float = 2.0, min_delta: float = 0.0) -> list[Change]:
+    """Per model x language x benchmark x metric: the change from run ``a`` to run ``b``.
+
+    A regression is a move in the bad direction by more than ``max(k * sqrt(se_a^2 + se_b^2),
+    min_delta)``; a missing stderr counts as 0 (a single item has no spread to excuse a drop).
+    """
+    if k < 0 or min_delta < 0:
+        raise ChatvecError(f"regression threshold must be >= 0 (got k={k}, min_delta={min_delta})")
+    ra, rb = _rows(a), _rows(b)
+    changes = []
+    for key in sorted(set(ra) | set(rb), key=lambda t: tuple(str(x) for x in t)):
+        x, y = ra.get(key), rb.get(key)
+        low = lower_is_better(key[3])
+        va, vb = _num(x and x["value"]), _num(y and y["value"])
+        sa, sb = _num(x and x.get("stderr")), _num(y and y.get("stderr"))
+        status = "both" if x and y else ("new" if y else "gone")
+        delta = threshold = None
+        regression = improvement = False
+        if va is not None and vb is not None:
+            delta = vb - va
+            threshold = max(k * math.sqrt((sa or 0.0) ** 2 + (sb or 0.0) ** 2), min_delta)
+            worse = delta if low else -delta
+            regression = worse > threshold
+            improvement = -worse > threshold
+        changes.append(
+            Change(
+                model=key[0], language=key[1], benchmark=key[2], metric=key[3], a=va, b=vb, se_a=sa, se_b=sb,
+                n_a=x and x.get("n"), n_b=y and y.get("n"), delta=delta, threshold=threshold,
+                lower_is_better=low, regression=regression, improvement=improvement, status=status,
+            )
+        )
+    return changes
+
+
+def regressions(changes: Iterable[Change]) -> list[Change]:
+    return [c for c in changes if c.regression]

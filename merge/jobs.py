@@ -1,0 +1,125 @@
+"""Cut a tensor task into jobs: element ranges of the output with the byte ranges they read.
+
+A job is at most JOB_ELEMS output elements (a few MB per input), so memory stays bounded
+whatever the tensor size; only TIES needs a whole tensor at once (its trim threshold is a
+statistic over the whole tensor), so a tensor with a TIES vector is one job.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from merge.kernels import dare_key
+from merge.plan import Segment, Source, TensorTask, Term
+from merge.safetensors_format import ITEMSIZE
+
+JOB_ELEMS = 1 << 21
+_ALIGN = 64
+
+
+@dataclass
+class Read:
+    file: int
+    offset: int
+    nbytes: int
+    at: int  # position in the job buffer
+
+
+@dataclass
+class Piece:
+    """Output elements [out, out+n) of the job; their source bytes at `at` (and `base_at`)."""
+
+    out: int
+    n: int
+    at: int
+    dtype: str
+    base_at: int = -1
+    base_dtype: str = ""
+    index: int = 0  # element index in the source tensor (for DARE)
+
+
+@dataclass
+class TermJob:
+    term: Term
+    pieces: list[Piece]
+    key: int = 0
+
+
+@dataclass
+class Job:
+    task: TensorTask
+    start: int
+    n: int
+    cp: Piece | None
+    terms: list[TermJob]
+    raws: list[Piece]
+    reads: list[Read] = field(default_factory=list)
+    in_bytes: int = 0
+    whole: bool = False
+    buf: object = None
+
+    @property
+    def out_bytes(self) -> int:
+        return self.n * ITEMSIZE[self.task.dtype]
+
+
+class _Layout:
+    def __init__(self) -> None:
+        self.reads: list[Read] = []
+        self.size = 0
+        self._seen: dict[tuple[int, int, int], int] = {}
+
+    def add(self, src: Source, elem: int, n: int) -> int:
+        isz = ITEMSIZE[src.dtype]
+        key = (src.file, src.offset + elem * isz, n * isz)
+        if key in self._seen:  # e.g. two vectors over the same base model: read it once
+            return self._seen[key]
+        at = self._seen[key] = self.size
+        self.reads.append(Read(*key, at))
+        self.size += -(-(n * isz) // _ALIGN) * _ALIGN
+        return at
+
+
+def _overlaps(segments: list[Segment], starts: list[int], lo: int, hi: int):
+    i = max(0, bisect.bisect_right(starts, lo) - 1)
+    while i < len(segments) and segments[i].out < hi:
+        s = segments[i]
+        a, b = max(lo, s.out), min(hi, s.out + s.n)
+        if a < b:
+            yield s, a, b
+        i += 1
+
+
+def task_jobs(task: TensorTask) -> list[Job]:
+    numel = task.numel
+    whole = any(t.method == "ties" for t in task.terms)
+    step = numel if whole else JOB_ELEMS
+    term_starts = [[s.out for s in t.segments] for t in task.terms]
+    raw_starts = [[s.out for s in r.segments] for r in task.raw]
+    keys = [dare_key(t.seed, task.name, t.vector) if t.method == "dare" else 0 for t in task.terms]
+    jobs = []
+    for lo in range(0, max(numel, 1), max(step, 1)):
+        hi = min(numel, lo + step)
+        lay = _Layout()
+        cp = None
+        if task.cp is not None and lo < task.cp.numel:
+            n = min(hi, task.cp.numel) - lo
+            cp = Piece(0, n, lay.add(task.cp, lo, n), task.cp.dtype)
+        terms = []
+        for term, starts, key in zip(task.terms, term_starts, keys):
+            pieces = []
+            for s, a, b in _overlaps(term.segments, starts, lo, hi):
+                chat_elem = s.chat + (a - s.out)
+                p = Piece(a - lo, b - a, lay.add(term.chat, chat_elem, b - a), term.chat.dtype, index=chat_elem)
+                if term.base is not None:
+                    p.base_at = lay.add(term.base, s.base + (a - s.out), b - a)
+                    p.base_dtype = term.base.dtype
+                pieces.append(p)
+            if pieces or whole:
+                terms.append(TermJob(term, pieces, key))
+        raws = []
+        for raw, starts in zip(task.raw, raw_starts):
+            for s, a, b in _overlaps(raw.segments, starts, lo, hi):
+                raws.append(Piece(a - lo, b - a, lay.add(raw.source, s.chat + (a - s.out), b - a), raw.source.dtype))
+        jobs.append(Job(task, lo, hi - lo, cp, terms, raws, lay.reads, lay.size, whole))
+    return jobs

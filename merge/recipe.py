@@ -1,0 +1,135 @@
+"""What to merge: a CP model plus one or more chat vectors, each with its ratio and method.
+
+A recipe YAML looks like::
+
+    cp: org/llama-2-zh-cp            # any URI: local folder, s3://..., hf://org/name, org/name
+    vectors:
+      - base: meta-llama/Llama-2-7b-hf
+        chat: meta-llama/Llama-2-7b-chat-hf
+        ratio: 0.5
+      - vector: s3://bucket/vectors/xwin   # written by `chatvec extract`
+        ratio: 0.5
+        method: dare
+        density: 0.9
+    embeddings: skip                 # skip | overlap | by-token (only needed when vocabularies differ)
+    chat_tokens_from_chat: false
+    dtype: bfloat16                  # default: the CP model's dtype
+
+Relative paths are taken relative to the working directory, as on the command line.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from merge.errors import ConfigError
+
+Method = Literal["add", "ties", "dare"]
+EmbeddingPolicy = Literal["skip", "overlap", "by-token"]
+OutDtype = Literal["bfloat16", "float16", "float32"]
+
+
+class VectorSpec(BaseModel):
+    """One chat vector: `chat - base`, or a vector extracted earlier; scaled by `ratio`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: Optional[str] = None
+    chat: Optional[str] = None
+    vector: Optional[str] = None
+    ratio: float = 1.0
+    method: Method = "add"
+    # ties keeps the top `density` fraction of |tau| per tensor; dare keeps each entry with
+    # probability `density` and divides the kept ones by it.
+    density: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "VectorSpec":
+        pair = self.base is not None or self.chat is not None
+        if self.vector is not None and pair:
+            raise ValueError("give either `vector` or both `base` and `chat`, not both")
+        if self.vector is None and (self.base is None or self.chat is None):
+            raise ValueError("give both `base` and `chat` (the vector is chat - base), or `vector`")
+        return self
+
+    def describe(self) -> str:
+        src = self.vector if self.vector is not None else f"{self.chat} - {self.base}"
+        extra = "" if self.method == "add" else f", {self.method} density {self.density:g} seed {self.seed}"
+        return f"{self.ratio:g} x ({src}{extra})"
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cp: str
+    vectors: list[VectorSpec] = Field(min_length=1)
+    embeddings: Optional[EmbeddingPolicy] = None
+    # Rows of tokens that only the chat model has are copied from the chat model (see
+    # merge/vocab.py for where they go when the CP tokenizer lacks them).
+    chat_tokens_from_chat: bool = False
+    dtype: Optional[OutDtype] = None
+
+    def fingerprint_payload(self) -> dict:
+        """Everything that decides the output's bytes, in a stable JSON-able form."""
+        return {
+            "cp": _canonical_uri(self.cp),
+            "vectors": [
+                {
+                    "base": _canonical_uri(v.base) if v.base else None,
+                    "chat": _canonical_uri(v.chat) if v.chat else None,
+                    "vector": _canonical_uri(v.vector) if v.vector else None,
+                    "ratio": float(v.ratio),
+                    "method": v.method,
+                    "density": float(v.density),
+                    "seed": int(v.seed),
+                }
+                for v in self.vectors
+            ],
+            "embeddings": self.embeddings,
+            "chat_tokens_from_chat": self.chat_tokens_from_chat,
+            "dtype": self.dtype,
+        }
+
+    def describe(self) -> str:
+        return f"{self.cp} + " + " + ".join(v.describe() for v in self.vectors)
+
+
+def _canonical_uri(uri: str) -> str:
+    from merge.checkpoint import normalize_uri
+
+    return normalize_uri(uri)
+
+
+def load_recipe(path_or_uri: str) -> Recipe:
+    """Read a recipe YAML (local path or storage URI); ConfigError names every bad key."""
+    from merge.yamlconfig import load_model
+
+    recipe = load_model(str(path_or_uri), Recipe)
+    return recipe
+
+
+def recipe_from_options(
+    *,
+    cp: str,
+    base: str | None,
+    chat: str | None,
+    vector: str | None,
+    ratio: float,
+    method: str,
+    density: float,
+    seed: int,
+    embeddings: str | None,
+    chat_tokens_from_chat: bool,
+    dtype: str | None,
+) -> Recipe:
+    """The recipe the single-vector command line describes; ConfigError on a bad combination."""
+    from pydantic import ValidationError
+
+    try:
+        spec = VectorSpec(base=base, chat=chat, vector=vector, ratio=ratio, method=method, density=density, seed=seed)
+        return Recipe(cp=cp, vectors=[spec], embeddings=embeddings, chat_tokens_from_chat=chat_tokens_from_chat, dtype=dtype)
+    except ValidationError as exc:
+        msgs = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+        raise ConfigError(f"invalid merge options: {msgs}") from None

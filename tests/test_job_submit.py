@@ -1,0 +1,106 @@
+"""`ray job submit ... -- chatvec merge --workers 2 --out s3://...` against a head started with
+`ray start --head`, token authentication on, exactly as the README shows it."""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port
+from test_cluster_merge import assert_matches_reference, build_small_triple
+
+VENV_BIN = Path(sys.executable).parent
+RAY = str(VENV_BIN / "ray")
+
+
+def _wait_for_head(head: subprocess.Popen, dashboard: int, env: dict, log: Path, timeout: float = 120) -> None:
+    """Until the job API answers with our token (the dashboard comes up after the GCS)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}")
+        probe = subprocess.run([RAY, "job", "list", "--address", f"http://127.0.0.1:{dashboard}"],
+                               env=env, capture_output=True, text=True, timeout=60)
+        if probe.returncode == 0:
+            return
+        time.sleep(1)
+    raise RuntimeError(f"the head's job API did not answer in {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    """Stop the head this test started and nothing else: `ray start --block` shuts down every
+    process it spawned on SIGTERM; anything left in its own session is then killed."""
+    if head.poll() is None:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(head.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if head.poll() is None:
+        head.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_merges_into_s3_with_token_auth(tmp_path, tmp_path_factory, s3_server):
+    triple = build_small_triple(tmp_path / "models")
+    bucket = s3_server.make_bucket()
+    for role in ("base", "chat", "cp"):
+        s3_server.upload_dir(getattr(triple, role), f"{bucket}/inputs/{role}")
+    out = f"{bucket}/models/merged"
+
+    token_file = tmp_path / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_file),
+        RAY_USAGE_STATS_ENABLED="0",
+        OMP_NUM_THREADS="1",
+    )
+    gcs, dashboard = free_port(), free_port()
+    log = tmp_path / "head.log"
+    head_cmd = [
+        RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
+        "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
+        # a short folder: Ray's socket paths must stay under 108 bytes
+        f"--temp-dir={tmp_path_factory.mktemp('head')}", f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats",
+    ]
+    with open(log, "wb") as fh:
+        head = subprocess.Popen(head_cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_head(head, dashboard, env, log)
+
+        # Without the token the cluster refuses the submission.
+        no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+        no_token["HOME"] = str(tmp_path / "home")  # no ~/.ray/auth_token to fall back on
+        refused = subprocess.run(
+            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--", "true"],
+            env=no_token, capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0
+        assert "token" in (refused.stdout + refused.stderr).lower()
+
+        submit = subprocess.run(
+            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
+             "--", "chatvec", "merge", "--cp", f"{bucket}/inputs/cp", "--base", f"{bucket}/inputs/base",
+             "--chat", f"{bucket}/inputs/chat", "--ratio", "0.5", "--shard-size", "50KB",
+             "--workers", "2", "--out", out],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+        output = submit.stdout + submit.stderr
+        assert submit.returncode == 0, output[-4000:]
+        assert "succeeded" in output, output[-4000:]
+    finally:
+        _stop_head(head)
+
+    assert_matches_reference(out, triple, ratio=0.5)
