@@ -15,6 +15,7 @@ Prints one table with medians over the repeats and the ratio to the floor.
 from __future__ import annotations
 
 import argparse
+import re
 import resource
 import json
 import os
@@ -169,10 +170,23 @@ def chatvec_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "cluster.cli"]
 
 
-def run_merge(paths, out, workers, device, shard_size) -> tuple[float, float, int, str]:
-    """Wall seconds, CPU seconds and peak RSS of one whole `chatvec merge` process."""
+_PHASE = re.compile(r"(ray start|actors up|shards|commit) ([0-9.]+) s")
+
+
+def merge_phases(log: str) -> dict[str, float]:
+    """The Ray driver's phase timings from its `-v` summary line (empty for --workers 0)."""
+    for line in reversed(log.splitlines()):
+        if "actors;" in line:
+            return {k: float(v) for k, v in _PHASE.findall(line)}
+    return {}
+
+
+def run_merge(paths, out, workers, device, shard_size) -> tuple[float, float, int, str, dict]:
+    """Wall seconds, CPU seconds, peak RSS, summary line and Ray phase timings of one whole
+    `chatvec merge` process."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = chatvec_command() + [
+    os.sync()  # earlier runs' dirty pages are written back now, not inside the timed run
+    cmd = chatvec_command() + ["-v",
         "merge", "--cp", str(paths["cp"]), "--base", str(paths["base"]), "--chat", str(paths["chat"]),
         "--out", str(out), "--workers", str(workers), "--device", device, "--shard-size", shard_size,
     ]
@@ -181,7 +195,16 @@ def run_merge(paths, out, workers, device, shard_size) -> tuple[float, float, in
     stats = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {"rc": proc.returncode or 1}
     if stats["rc"]:
         raise SystemExit(f"merge failed ({stats['rc']}):\n" + "\n".join(lines[:-1]))
-    return stats["seconds"], stats["cpu"], stats["maxrss"], proc.stdout.decode().strip()
+    log = "\n".join(lines[:-1])
+    return stats["seconds"], stats["cpu"], stats["maxrss"], proc.stdout.decode().strip(), merge_phases(log)
+
+
+def _inner_seconds(summary: str, phases: dict[str, float]) -> float:
+    """Workers 0: the summary's own seconds; Ray: the driver's shard and commit phases."""
+    if phases:
+        return phases.get("shards", 0.0) + phases.get("commit", 0.0)
+    m = re.search(r" in ([0-9.]+) s ", summary)
+    return float(m.group(1)) if m else float("nan")
 
 
 def _cpu_self() -> float:
@@ -211,16 +234,23 @@ def main() -> None:
         workers = [int(w) for w in args.workers.split(",")]
         io_floor(files, out_bytes, workdir / "floor.bin")  # warm the page cache
         rows: dict[str, list[tuple[float, float, int]]] = {"floor": []}
+        inner: dict[int, list[float]] = {}
+        startup: dict[int, list[float]] = {}
         for w in workers:
             rows[f"merge --workers {w}"] = []
         last = ""
         for _ in range(args.repeats):
+            shutil.rmtree(workdir / "out", ignore_errors=True)
+            os.sync()
             c0 = _cpu_self()
             s = io_floor(files, out_bytes, workdir / "floor.bin")
             rows["floor"].append((s, _cpu_self() - c0, 0))
             for w in workers:
-                s, cpu, rss, last = run_merge(paths, workdir / "out", w, args.device, args.shard_size)
+                s, cpu, rss, last, phases = run_merge(paths, workdir / "out", w, args.device, args.shard_size)
                 rows[f"merge --workers {w}"].append((s, cpu, rss))
+                inner.setdefault(w, []).append(_inner_seconds(last, phases))
+                if phases:
+                    startup.setdefault(w, []).append(phases.get("ray start", 0.0) + phases.get("actors up", 0.0))
         floor = statistics.median(v[0] for v in rows["floor"])
         floor_cpu = statistics.median(v[1] for v in rows["floor"])
         print(f"\n{args.size} bf16 Llama-shaped triple: reads {format_size(in_bytes)}, writes {format_size(out_bytes)}; "
@@ -233,6 +263,14 @@ def main() -> None:
             print(f"{name:<18} {med:7.2f} {min(v[0] for v in vals):6.2f} {med / floor:8.2f} {cpu:6.2f} {cpu / floor_cpu:12.2f} "
                   f"{(in_bytes + out_bytes) / med / 1e9:6.2f} {format_size(rss) if rss else '-':>9}")
         print("GB/s counts input plus output bytes; CPU s is user + system time of the process (for the floor: of its reads and writes).")
+        print("\nThe merge itself, inside the command (imports, and for Ray its start-up and actor start-up, left out):")
+        print(f"{'run':<18} {'merge s':>8} {'x workers 0':>12} {'Ray+actor start s':>18}")
+        base = statistics.median(inner[workers[0]]) if workers[0] == 0 else None
+        for w in workers:
+            med = statistics.median(inner[w])
+            ratio = f"{med / base:12.2f}" if base else f"{'-':>12}"
+            start = f"{statistics.median(startup[w]):18.2f}" if w in startup else f"{'-':>18}"
+            print(f"{'merge --workers ' + str(w):<18} {med:8.2f} {ratio} {start}")
         print(f"last summary: {last}")
     finally:
         if not args.workdir:

@@ -58,7 +58,7 @@ class MergeSummary:
             return f"already merged: {self.out_uri} (same recipe and inputs; nothing to do)"
         rate = self.total_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
         return (
-            f"merged {format_size(self.total_bytes)} in {self.seconds:.1f} s ({rate:.2f} GB/s) on {self.device}: "
+            f"merged {format_size(self.total_bytes)} in {self.seconds:.2f} s ({rate:.2f} GB/s) on {self.device}: "
             f"{self.shards_written} shard(s) written, {self.shards_resumed} resumed -> {self.out_uri}"
         )
 
