@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 import click
@@ -82,5 +83,38 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(rv)
 
 
+def entry() -> None:
+    """The console script: `main`, then an exit that skips C++ static destructors.
+
+    pyarrow 26 sometimes aborts ("terminate called without an active exception") while its
+    thread pools are torn down at interpreter exit, which would turn any exit status, nightly's
+    regression status included, into 134. Python's own exit handlers (Ray's shutdown, S3
+    finalisation, log flushing) still run first.
+    """
+    import atexit
+
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        if isinstance(exc.code, int) or exc.code is None:
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -61,9 +61,9 @@ class EvalWorker:
             self.evaluator.close()
         self.evaluator = ModelEvaluator(model, uri, **self.args)
         try:
-            self.evaluator.load()
-        except Exception as exc:
-            self.evaluator.load_error = f"{type(exc).__name__}: {exc}"
+            self.evaluator.ensure_loaded()
+        except Exception:
+            pass  # kept in load_error; each of the model's cells reports it
         return {"pid": os.getpid(), "loads": dict(LOAD_COUNTS), "error": self.evaluator.load_error}
 
     def run(self, cell: Cell) -> CellResult:

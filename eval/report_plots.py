@@ -102,6 +102,16 @@ def _figure(w: float, h: float):
     return Figure(figsize=(w, h), layout="constrained")
 
 
+def _target_panels(lay):
+    """A figure with a panel per target, at most three a row: (figure, axes grid, [(panel, target)])."""
+    n = len(lay.targets)
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig = _figure(4.6 * ncols, 3.4 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes, [(axes[idx // ncols][idx % ncols], t) for idx, t in enumerate(lay.targets)]
+
+
 def _finish(fig, axes, n: int) -> None:
     """Hide unused panels; one legend for the whole figure, below it, so no line is covered."""
     ncols = len(axes[0])
@@ -200,19 +210,14 @@ def plot_ratio(metric: str, cells: dict, lay) -> bytes | None:
     merged = _merged(lay)
     if not merged:
         return None
-    n = len(lay.targets)
-    ncols = min(n, 3)
-    nrows = math.ceil(n / ncols)
-    fig = _figure(4.6 * ncols, 3.4 * nrows)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    fig, axes, panels = _target_panels(lay)
     ratios = sorted({m.ratio for m in merged})
     names = sorted({lay.series[m.name] for m in merged})
-    for idx, t in enumerate(lay.targets):
-        ax = axes[idx // ncols][idx % ncols]
+    for ax, t in panels:
         _draw_ratio(ax, metric, cells, lay, t, names, ratios)
         ax.set_title(target_title(t), fontsize=10)
         ax.set_ylabel(metric)
-    _finish(fig, axes, n)
+    _finish(fig, axes, len(panels))
     return _png(fig)
 
 
@@ -254,14 +259,9 @@ def plot_trend(metric: str, per_run: dict[str, dict], runs: list[str], lay) -> b
     """The metric over the last runs, one panel per target, one line per model."""
     if len(runs) < 2:
         return None
-    n = len(lay.targets)
-    ncols = min(n, 3)
-    nrows = math.ceil(n / ncols)
-    fig = _figure(4.6 * ncols, 3.4 * nrows)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    fig, axes, panels = _target_panels(lay)
     x = list(range(len(runs)))
-    for idx, t in enumerate(lay.targets):
-        ax = axes[idx // ncols][idx % ncols]
+    for ax, t in panels:
         for v in lay.variants:
             ys = [per_run[rid].get((t.name, v), (math.nan,))[0] for rid in runs]
             if all(math.isnan(y) for y in ys):
@@ -271,5 +271,5 @@ def plot_trend(metric: str, per_run: dict[str, dict], runs: list[str], lay) -> b
         ax.set_title(target_title(t), fontsize=10)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-    _finish(fig, axes, n)
+    _finish(fig, axes, len(panels))
     return _png(fig)

@@ -112,15 +112,6 @@ def write_status(store: Store, cell: Cell, state: str, **info) -> dict:
     return record
 
 
-def read_status(store: Store, cell: Cell) -> dict | None:
-    if not store.is_file(cell.status_rel):
-        return None
-    try:
-        return json.loads(store.read_text(cell.status_rel))
-    except ValueError:
-        return None
-
-
 # -- summary --------------------------------------------------------------------------------------
 def summarize(out_uri: str, run_id: str | None = None) -> pa.Table:
     """One row per model x language x benchmark x metric over every samples file under ``out_uri``.

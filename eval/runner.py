@@ -191,8 +191,56 @@ def _error_text(exc: BaseException) -> str:
     return text if len(text) < 2000 else text[:2000] + " ..."
 
 
+class _EngineHolder:
+    """One engine (for ``uri``, with ``settings``), loaded once and used for a series of cells."""
+
+    uri: str
+    settings: RunSettings
+    engine = None
+    load_error: str | None = None
+
+    def load(self) -> None:
+        self._load_engine()
+
+    def ensure_loaded(self) -> None:
+        """Load once; a model that failed to load is not tried again for every cell."""
+        if self.engine is not None:
+            return
+        if self.load_error is not None:
+            raise RuntimeError(f"model {self.uri} did not load: {self.load_error}")
+        try:
+            self.load()
+        except Exception as exc:
+            self.load_error = _error_text(exc)
+            raise
+
+    def _load_engine(self) -> None:
+        from eval.engines import load_engine
+
+        s = self.settings
+        self.engine = load_engine(s.engine, self.uri, device=s.device, dtype=s.dtype, batch_size=s.batch_size,
+                                  gpus=s.gpus_per_engine, cache_dir=s.cache_dir)
+
+    def _one(self, cell: Cell) -> CellResult:
+        raise NotImplementedError
+
+    def run_all(self, cells: Sequence[Cell], on_result=None) -> list[CellResult]:
+        out = []
+        for cell in cells:
+            result = self._one(cell)
+            out.append(result)
+            if on_result:
+                on_result(result)
+        return out
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+
 # -- generation -----------------------------------------------------------------------------------
-class ModelEvaluator:
+class ModelEvaluator(_EngineHolder):
     """Holds one model's engine and runs that model's cells. Load once, run many, close."""
 
     def __init__(self, model: str, uri: str, *, out_uri: str, run_id: str, settings: RunSettings,
@@ -203,31 +251,19 @@ class ModelEvaluator:
         self.settings = settings
         self.judge = judge
         self.engine = None
-        self.load_error: str | None = None
+        self.load_error = None
         from eval.fidelity import FidelityScorer
 
         self.fidelity = FidelityScorer(languages)
-
-    def load(self) -> None:
-        from eval.engines import load_engine
-
-        s = self.settings
-        self.engine = load_engine(s.engine, self.uri, device=s.device, dtype=s.dtype, batch_size=s.batch_size,
-                                  gpus=s.gpus_per_engine, cache_dir=s.cache_dir)
 
     def run_cell(self, cell: Cell) -> CellResult:
         """Run one cell and write its samples; any failure is recorded, not raised."""
         start = time.perf_counter()
         try:
-            if self.engine is None:
-                if self.load_error is not None:
-                    raise RuntimeError(f"model {self.uri} did not load: {self.load_error}")
-                self.load()
+            self.ensure_loaded()
             rows = self._rows(cell)
             write_samples(self.store, cell, samples_table(rows))
         except Exception as exc:  # a cell's failure must not stop the others
-            if self.engine is None and self.load_error is None:
-                self.load_error = _error_text(exc)
             error = _error_text(exc)
             logger.error("cell %s failed: %s", cell.key, error)
             logger.debug("%s", traceback.format_exc())
@@ -267,19 +303,8 @@ class ModelEvaluator:
                      kind=spec.kind, engine=self.settings.engine, created_at=created)
         return rows
 
-    def run_all(self, cells: Sequence[Cell], on_result=None) -> list[CellResult]:
-        out = []
-        for cell in cells:
-            result = self.run_cell(cell)
-            out.append(result)
-            if on_result:
-                on_result(result)
-        return out
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+    def _one(self, cell: Cell) -> CellResult:
+        return self.run_cell(cell)
 
 
 def _first_per_item(rows: list[dict]) -> list[dict]:
@@ -293,7 +318,7 @@ def _first_per_item(rows: list[dict]) -> list[dict]:
 
 
 # -- the judge phase ------------------------------------------------------------------------------
-class JudgeRunner:
+class JudgeRunner(_EngineHolder):
     """Holds the judge model's engine and scores the judged metrics of whole cells."""
 
     def __init__(self, judge_uri: str, *, out_uri: str, run_id: str, settings: RunSettings) -> None:
@@ -302,22 +327,19 @@ class JudgeRunner:
         self.run_id = run_id
         self.settings = settings
         self.engine = None
+        self.load_error = None
         self.prompts = None
 
     def load(self) -> None:
-        from eval.engines import load_engine
         from eval.prompts import Prompts
 
-        s = self.settings
-        self.engine = load_engine(s.engine, self.uri, device=s.device, dtype=s.dtype, batch_size=s.batch_size,
-                                  gpus=s.gpus_per_engine, cache_dir=s.cache_dir)
+        self._load_engine()
         self.prompts = Prompts(self.engine.tokenizer, model_name=f"judge {self.uri}")
 
     def judge_cell(self, cell: Cell) -> CellResult:
         start = time.perf_counter()
         try:
-            if self.engine is None:
-                self.load()
+            self.ensure_loaded()
             table = read_samples(self.store, cell)
             if table is None:
                 return CellResult.of(cell, SKIPPED, JUDGE, error="no samples to judge")
@@ -363,19 +385,8 @@ class JudgeRunner:
             r.update(score=score, judge_status=status, judge_raw=gen.text, judge_model=self.uri, error=error)
         return rows, (sum(g.prompt_tokens for g in gens), sum(g.completion_tokens for g in gens))
 
-    def run_all(self, cells: Sequence[Cell], on_result=None) -> list[CellResult]:
-        out = []
-        for cell in cells:
-            result = self.judge_cell(cell)
-            out.append(result)
-            if on_result:
-                on_result(result)
-        return out
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+    def _one(self, cell: Cell) -> CellResult:
+        return self.judge_cell(cell)
 
 
 # -- progress -------------------------------------------------------------------------------------

@@ -129,9 +129,6 @@ class NumpyBackend:
         acc /= count
         return acc
 
-    def to_host(self, x) -> np.ndarray:
-        return x
-
 
 class TorchBackend:
     """The same operations with torch on `device` (CUDA, or CPU to compare with numpy)."""

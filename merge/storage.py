@@ -16,8 +16,6 @@ from urllib.parse import urlparse
 
 from merge.errors import InputError
 
-_REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "hf")
-
 
 def is_local(uri: str) -> bool:
     scheme = urlparse(uri).scheme

@@ -57,6 +57,14 @@ def fit_window(prompt_len: int, max_new_tokens: int, max_length: int) -> tuple[i
     return keep, max(1, min(max_new_tokens, max_length - keep))
 
 
+def fit_scoring(req: LoglikelihoodRequest, max_length: int) -> tuple[list[int], int]:
+    """(token ids, how many trailing ones to score) of a log-likelihood request, cut from the left
+    to fit the model's window."""
+    ids = (list(req.context_ids) + list(req.continuation_ids))[-max_length:]
+    # the first token of a sequence has nothing to be predicted from
+    return ids, min(len(req.continuation_ids), len(ids) - 1)
+
+
 class Engine(ABC):
     """One loaded model. Build with ``eval.engines.load_engine``; call ``close`` when done."""
 

@@ -19,6 +19,7 @@ from eval.engines.base import (
     GenerationRequest,
     Loglikelihood,
     LoglikelihoodRequest,
+    fit_scoring,
     fit_window,
 )
 from merge.errors import InputError
@@ -197,7 +198,7 @@ class HFEngine(Engine):
                 batch = []
             if piece is not None:
                 batch.append(piece)
-        prepared = {i: self._prepare(requests[i]) for i in singles}
+        prepared = {i: fit_scoring(requests[i], self.max_length) for i in singles}
         order = sorted(singles, key=lambda i: -len(prepared[i][0]))
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
@@ -256,16 +257,6 @@ class HFEngine(Engine):
                 greedy = bool((lp.argmax(-1) == target).all())
                 yield i, Loglikelihood(logprob=total, tokens=len(c), greedy=greedy)
                 row += 1
-
-    def _prepare(self, req: LoglikelihoodRequest) -> tuple[list[int], int]:
-        """(token ids, how many trailing ones to score), truncated from the left to fit."""
-        ids = list(req.context_ids) + list(req.continuation_ids)
-        n = len(req.continuation_ids)
-        if len(ids) > self.max_length:
-            ids = ids[-self.max_length:]
-        # the first token of a sequence has nothing to be predicted from
-        n = min(n, len(ids) - 1)
-        return ids, n
 
     def _score_batch(self, batch: list[tuple[list[int], int]]) -> list[Loglikelihood]:
         torch = self._torch

@@ -20,6 +20,7 @@ from eval.engines.base import (
     GenerationRequest,
     Loglikelihood,
     LoglikelihoodRequest,
+    fit_scoring,
     fit_window,
 )
 from merge.errors import InputError
@@ -107,8 +108,7 @@ class VLLMEngine(Engine):
             return []
         prompts, spans = [], []
         for r in requests:
-            ids = (list(r.context_ids) + list(r.continuation_ids))[-self.max_length:]
-            n = min(len(r.continuation_ids), len(ids) - 1)
+            ids, n = fit_scoring(r, self.max_length)
             prompts.append({"prompt_token_ids": ids})
             spans.append(n)
         params = self._params(Decoding(max_new_tokens=1), prompt_logprobs=1)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
-from eval.engines.base import Decoding, Generation
+from eval.engines.base import Decoding, Generation, GenerationRequest
 from eval.schema import NO_JUDGE, NOT_JUDGED, PENDING
 
 if TYPE_CHECKING:
@@ -59,6 +59,17 @@ class CellContext:
 
     def messages(self, turns: Sequence[tuple[str, str]]) -> list[dict]:
         return self.prompts.conversation(turns, system=self.spec.system_prompt)
+
+    def ask(self, kind: "Kind", questions: Sequence[str]) -> tuple[list[str], list[Generation]]:
+        """Each question as the user's only message, answered with ``kind``'s decoding:
+        (rendered prompts, answers), in question order."""
+        dec = self.decoding(kind)
+        prompts, requests = [], []
+        for question in questions:
+            text, ids = self.prompts.chat_ids(self.messages([("user", question)]))
+            prompts.append(text)
+            requests.append(GenerationRequest(ids, dec))
+        return prompts, self.engine.generate(requests, progress=self.progress)
 
     @property
     def pending_status(self) -> str:

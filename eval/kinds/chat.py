@@ -7,13 +7,31 @@ benchmark's language and script).
 """
 from __future__ import annotations
 
-from eval.engines.base import GenerationRequest
 from eval.judge import parse_rating
 from eval.judge_prompts import rating_prompt
 from eval.kinds.base import CellContext, FieldSpec, Kind, answer_fields, dumps, in_language_row, loads, row
 
 
-class ChatKind(Kind):
+class RatedKind(Kind):
+    """Answers the judge rates 0-10 (``judge_score``), plus ``in_language``; subclasses say how
+    a row's details become the judge's prompt."""
+
+    metrics = ("judge_score", "in_language")
+    default_max_new_tokens = 512
+
+    def judge_text(self, r: dict, details: dict) -> str:
+        raise NotImplementedError
+
+    def judge_prompt(self, r: dict) -> str | None:
+        if r["metric"] != "judge_score":
+            return None
+        return self.judge_text(r, loads(r["details"]))
+
+    def read_judgment(self, r: dict, text: str) -> tuple[float | None, str]:
+        return parse_rating(text)
+
+
+class ChatKind(RatedKind):
     name = "chat"
     description = "open questions judged 0-10 against a reference answer"
     fields = (
@@ -21,17 +39,9 @@ class ChatKind(Kind):
         FieldSpec("reference", (str,), required=False, doc="a reference answer that deserves a 10"),
         FieldSpec("category", (str,), required=False),
     )
-    metrics = ("judge_score", "in_language")
-    default_max_new_tokens = 512
 
     def run(self, items: list[dict], ctx: CellContext) -> list[dict]:
-        prompts, requests = [], []
-        dec = ctx.decoding(self)
-        for item in items:
-            text, ids = ctx.prompts.chat_ids(ctx.messages([("user", item["question"])]))
-            prompts.append(text)
-            requests.append(GenerationRequest(ids, dec))
-        gens = ctx.engine.generate(requests, progress=ctx.progress)
+        prompts, gens = ctx.ask(self, [item["question"] for item in items])
         rows = []
         for item, prompt, gen in zip(items, prompts, gens):
             fields = answer_fields(ctx, prompt, gen)
@@ -41,14 +51,8 @@ class ChatKind(Kind):
             rows.append(in_language_row(item["id"], fields, details))
         return rows
 
-    def judge_prompt(self, r: dict) -> str | None:
-        if r["metric"] != "judge_score":
-            return None
-        d = loads(r["details"])
-        return rating_prompt(r["language"], d["question"], r["response"] or "", d.get("reference"))
-
-    def read_judgment(self, r: dict, text: str) -> tuple[float | None, str]:
-        return parse_rating(text)
+    def judge_text(self, r: dict, details: dict) -> str:
+        return rating_prompt(r["language"], details["question"], r["response"] or "", details.get("reference"))
 
 
 KIND = ChatKind

@@ -9,12 +9,12 @@ each turn seeing its own earlier answers. Metrics: ``judge_score`` (last answer)
 from __future__ import annotations
 
 from eval.engines.base import GenerationRequest
-from eval.judge import parse_rating
 from eval.judge_prompts import multiturn_prompt
-from eval.kinds.base import CellContext, FieldSpec, Kind, answer_fields, dumps, in_language_row, loads, row
+from eval.kinds.base import CellContext, FieldSpec, answer_fields, dumps, in_language_row, row
+from eval.kinds.chat import RatedKind
 
 
-class MultiturnKind(Kind):
+class MultiturnKind(RatedKind):
     name = "multiturn"
     description = "two-turn conversations, the second answer judged 0-10 in context"
     fields = (
@@ -22,8 +22,6 @@ class MultiturnKind(Kind):
         FieldSpec("reference", (str,), required=False, doc="a reference for the last answer"),
         FieldSpec("category", (str,), required=False),
     )
-    metrics = ("judge_score", "in_language")
-    default_max_new_tokens = 512
 
     def check_item(self, item: dict) -> list[str]:
         problems = super().check_item(item)
@@ -37,7 +35,7 @@ class MultiturnKind(Kind):
         answers: list[list[str]] = [[] for _ in items]
         totals = [[0, 0] for _ in items]
         last = {}
-        for turn in range(max(len(item["turns"]) for item in items)):
+        for turn in range(max((len(item["turns"]) for item in items), default=0)):
             active = [i for i, item in enumerate(items) if turn < len(item["turns"])]
             prompts, requests = {}, []
             for i in active:
@@ -63,14 +61,8 @@ class MultiturnKind(Kind):
             rows.append(in_language_row(item["id"], fields, details))
         return rows
 
-    def judge_prompt(self, r: dict) -> str | None:
-        if r["metric"] != "judge_score":
-            return None
-        d = loads(r["details"])
-        return multiturn_prompt(r["language"], d["turns"], d["answers"], d.get("reference"))
-
-    def read_judgment(self, r: dict, text: str) -> tuple[float | None, str]:
-        return parse_rating(text)
+    def judge_text(self, r: dict, details: dict) -> str:
+        return multiturn_prompt(r["language"], details["turns"], details["answers"], details.get("reference"))
 
 
 KIND = MultiturnKind

@@ -8,7 +8,6 @@ contains a refusal phrase, case-insensitive, anywhere in the answer) and ``in_la
 """
 from __future__ import annotations
 
-from eval.engines.base import GenerationRequest
 from eval.judge import parse_verdict
 from eval.judge_prompts import safety_prompt
 from eval.kinds.base import CellContext, FieldSpec, Kind, answer_fields, dumps, in_language_row, loads, row
@@ -48,13 +47,7 @@ class SafetyKind(Kind):
     default_max_new_tokens = 256
 
     def run(self, items: list[dict], ctx: CellContext) -> list[dict]:
-        dec = ctx.decoding(self)
-        prompts, requests = [], []
-        for item in items:
-            text, ids = ctx.prompts.chat_ids(ctx.messages([("user", item["prompt"])]))
-            prompts.append(text)
-            requests.append(GenerationRequest(ids, dec))
-        gens = ctx.engine.generate(requests, progress=ctx.progress)
+        prompts, gens = ctx.ask(self, [item["prompt"] for item in items])
         phrases = ctx.spec.options.get("refusal_phrases") or refusal_phrases(ctx.language)
         rows = []
         for item, prompt, gen in zip(items, prompts, gens):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from eval.engines.base import GenerationRequest
 from eval.fidelity import ScriptDetector, register_detector
 from eval.kinds.base import CellContext, FieldSpec, Kind, answer_fields, dumps, in_language_row, row
 
@@ -96,13 +95,7 @@ class TaskKind(Kind):
         if ctx.language in TOY_SCRIPTS:
             # idempotent; the scorer looks detectors up per answer, so this takes effect now
             register_detector(ctx.language, ScriptDetector(TOY_SCRIPTS))
-        dec = ctx.decoding(self)
-        prompts, requests = [], []
-        for item in items:
-            text, ids = ctx.prompts.chat_ids(ctx.messages([("user", item["prompt"])]))
-            prompts.append(text)
-            requests.append(GenerationRequest(ids, dec))
-        gens = ctx.engine.generate(requests, progress=ctx.progress)
+        prompts, gens = ctx.ask(self, [item["prompt"] for item in items])
         rows = []
         for item, prompt, gen in zip(items, prompts, gens):
             fields = answer_fields(ctx, prompt, gen)
