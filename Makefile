@@ -22,7 +22,8 @@ demo: $(STAMP)
 	$(VENV)/bin/chatvec demo --out demo-out
 
 bench: $(STAMP)
-	$(PY) bench/merge.py
+	$(PY) bench/merge.py --workers 0,1,2 --repeats 5
+	$(PY) bench/eval.py
 
 clean:
 	rm -rf demo-out .pytest_cache
