@@ -203,3 +203,27 @@ def test_options_sharing_a_context_score_as_if_alone(engine):
     assert [r.tokens for r in shared] == [len(o) for _ in contexts for o in options]
     for s, a in zip(shared, alone):
         assert s.logprob == pytest.approx(a.logprob, abs=1e-4) and s.greedy == a.greedy
+
+
+def test_repetition_penalty_does_not_see_the_padding(engine):
+    """Batched generation with a repetition penalty equals one request at a time, even when the
+    pad token is one the model generates (models that pad with eos are common)."""
+    prompts = Prompts(engine.tokenizer)
+    reqs = [GenerationRequest(prompts.chat_ids(prompts.conversation([("user", q)]))[1],
+                              Decoding(max_new_tokens=12, repetition_penalty=5.0)) for q in QUESTIONS]
+    assert len({len(r.prompt_ids) for r in reqs}) > 1, "prompts of different lengths are needed for padding"
+    saved_pad, saved_batch = engine.pad_id, engine.batch_size
+    try:
+        engine.batch_size = 1
+        single = engine.generate(reqs)
+        # pad with a token the model generates but no prompt holds, so a penalty on padding shows
+        in_prompts = {t for r in reqs for t in r.prompt_ids}
+        generated = [t for g in single for t in engine.tokenizer.encode(g.text, add_special_tokens=False)
+                     if t not in in_prompts]
+        assert generated, "the test needs a generated token that no prompt holds"
+        engine.pad_id = max(set(generated), key=generated.count)
+        engine.batch_size = len(reqs)
+        batched = engine.generate(reqs)
+    finally:
+        engine.pad_id, engine.batch_size = saved_pad, saved_batch
+    assert [g.text for g in batched] == [g.text for g in single]
