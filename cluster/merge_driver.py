@@ -81,7 +81,9 @@ class MergeWorker:
         self.current_bytes = 0
         self.written = 0
         self.busy_s = 0.0
-        logger.warning("merge actor pid %d on %s computes on %s: %s", os.getpid(), socket.gethostname(), self.device, why)
+        # an explicit --device cpu is no news; a GPU, or falling back from one, is worth a line
+        level = logging.INFO if device in ("cpu", "torch-cpu") else logging.WARNING
+        logger.log(level, "merge actor pid %d on %s computes on %s: %s", os.getpid(), socket.gethostname(), self.device, why)
 
     def write(self, plan_box: list, index: int):
         if self.engine is None:
