@@ -185,7 +185,7 @@ def run_merge(paths, out, workers, device, shard_size) -> tuple[float, float, in
     """Wall seconds, CPU seconds, peak RSS, summary line and Ray phase timings of one whole
     `chatvec merge` process."""
     shutil.rmtree(out, ignore_errors=True)
-    os.sync()  # earlier runs' dirty pages are written back now, not inside the timed run
+    settle()
     cmd = chatvec_command() + ["-v",
         "merge", "--cp", str(paths["cp"]), "--base", str(paths["base"]), "--chat", str(paths["chat"]),
         "--out", str(out), "--workers", str(workers), "--device", device, "--shard-size", shard_size,
@@ -205,6 +205,13 @@ def _inner_seconds(summary: str, phases: dict[str, float]) -> float:
         return phases.get("shards", 0.0) + phases.get("commit", 0.0)
     m = re.search(r" in ([0-9.]+) s ", summary)
     return float(m.group(1)) if m else float("nan")
+
+
+def settle() -> None:
+    """Start each timed run from a quiet machine: earlier runs' dirty pages written back, and a
+    Ray run's processes (which go on exiting after its command returns) given time to go."""
+    os.sync()
+    time.sleep(2.0)
 
 
 def _cpu_self() -> float:
@@ -241,7 +248,7 @@ def main() -> None:
         last = ""
         for _ in range(args.repeats):
             shutil.rmtree(workdir / "out", ignore_errors=True)
-            os.sync()
+            settle()
             c0 = _cpu_self()
             s = io_floor(files, out_bytes, workdir / "floor.bin")
             rows["floor"].append((s, _cpu_self() - c0, 0))
