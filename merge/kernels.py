@@ -99,7 +99,7 @@ class NumpyBackend:
             np.copyto(o16, tmp, casting="unsafe")
             nan = np.isnan(x)
             if nan.any():
-                o16[nan] = 0x7FC0  # what torch writes for any NaN
+                o16[nan] = 0x7FC0  # a quiet NaN (torch's bit pattern for NaN varies by build and device)
         else:
             np.copyto(out.view(_NP_RAW[dtype]), x, casting="same_kind")
 
