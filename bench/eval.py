@@ -15,6 +15,7 @@ Each is run at batch size 1 and at ``--batch``; the table shows medians over ``-
 tokens for choice) and the batched/one-at-a-time ratio. A random model seldom emits its eos
 token, so nearly every answer runs to the token limit and both modes generate the same amount.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,11 @@ def build_requests(engine, n_items: int, max_new_tokens: int):
     gen = []
     while len(gen) < n_items:
         q = questions[len(gen) % len(questions)]
-        gen.append(GenerationRequest(prompts.chat_ids(prompts.conversation([("user", q)]))[1],
-                                     Decoding(max_new_tokens=max_new_tokens)))
+        gen.append(
+            GenerationRequest(
+                prompts.chat_ids(prompts.conversation([("user", q)]))[1], Decoding(max_new_tokens=max_new_tokens)
+            )
+        )
     choice, n_choice_items = [], 0
     for lang in specs["choice"].languages:
         for item in load_items(specs["choice"], lang):
@@ -84,16 +88,21 @@ def main() -> None:
     from eval.engines import load_engine
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_model_dir(Path(tmp) / "bench-model", seed=0, hidden=args.hidden, layers=args.layers,
-                                shard_size=None, dtype="float32")
+        model = build_model_dir(
+            Path(tmp) / "bench-model", seed=0, hidden=args.hidden, layers=args.layers, shard_size=None, dtype="float32"
+        )
         engine = load_engine("hf", str(model), device=args.device, batch_size=args.batch)
         gen, choice, n_choice = build_requests(engine, args.items, args.max_new_tokens)
         params = sum(p.numel() for p in engine.model.parameters())
         device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
-        print(f"model: llama hidden {args.hidden}, {args.layers} layers, {params / 1e6:.1f}M parameters, "
-              f"vocab {engine.model.config.vocab_size}; device: {device_name}")
-        print(f"generation: {len(gen)} prompts (mean {statistics.mean(len(r.prompt_ids) for r in gen):.0f} tokens), "
-              f"{args.max_new_tokens} new tokens max; choice: {n_choice} items, {len(choice)} options\n")
+        print(
+            f"model: llama hidden {args.hidden}, {args.layers} layers, {params / 1e6:.1f}M parameters, "
+            f"vocab {engine.model.config.vocab_size}; device: {device_name}"
+        )
+        print(
+            f"generation: {len(gen)} prompts (mean {statistics.mean(len(r.prompt_ids) for r in gen):.0f} tokens), "
+            f"{args.max_new_tokens} new tokens max; choice: {n_choice} items, {len(choice)} options\n"
+        )
 
         rows = []
         batches = (1, args.batch)
@@ -111,8 +120,9 @@ def main() -> None:
                         items, tokens = n_choice, sum(r.tokens for r in out)
                     if rep:  # the first round warms up
                         runs[batch].append((items / seconds, tokens / seconds))
-            per_batch = {b: (statistics.median(r[0] for r in runs[b]), statistics.median(r[1] for r in runs[b]))
-                         for b in batches}
+            per_batch = {
+                b: (statistics.median(r[0] for r in runs[b]), statistics.median(r[1] for r in runs[b])) for b in batches
+            }
             base = per_batch[1][0]
             for batch, (items_s, tok_s) in per_batch.items():
                 rows.append((task, batch, f"{items_s:.2f}", f"{tok_s:.1f}", f"{items_s / base:.2f}x"))
@@ -121,8 +131,10 @@ def main() -> None:
     from eval.tabulate import table
 
     print(table(("task", "batch", "items/s", "tokens/s", "vs batch 1"), rows))
-    print(f"\nmedians of {args.repeats} runs after one warm-up; tokens/s counts generated tokens (generation) "
-          "or scored option tokens (choice)")
+    print(
+        f"\nmedians of {args.repeats} runs after one warm-up; tokens/s counts generated tokens (generation) "
+        "or scored option tokens (choice)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,24 +1,29 @@
 """Speed and memory of `chatvec merge` against the I/O floor, measured in the same run.
 
-    python bench/merge.py [--size 300M|1.2B] [--workers 0,1,2] [--device cpu|cuda] [--repeats 3]
-                          [--workdir DIR] [--shard-size 200MB]
+    python bench/merge.py [--size 300M|1.2B|wide] [--workers 0,1,2] [--methods add,ties:0.5]
+                          [--device cpu|cuda] [--repeats 3] [--workdir DIR] [--shard-size 200MB]
 
 Builds a Llama-shaped bf16 triple (base, chat, CP) with safetensors directly (random bits, no
 model code), warms the page cache, then times:
 
-* floor: read every input byte once with plain file reads and write the output's bytes once;
-* the whole `chatvec merge --workers N` command in a subprocess (wall time, imports included),
-  with the child's peak RSS (for N >= 1 that is the driver's; actors are Ray's processes).
+* floor: read every input byte once with plain file reads and write the output's bytes once,
+  fsync included (the merge's data reaches the disk later; the floor counts that cost);
+* the whole `chatvec merge --workers N --method M` command in a subprocess (wall time, imports
+  included), with the child's peak RSS (for N >= 1 that is the driver's; actors are Ray's
+  processes), for every N and method asked for.
 
-Prints one table with medians over the repeats and the ratio to the floor.
+`--size wide` is a triple with two 131072 x 1024 matrices per model, where `ties` (a whole-tensor
+statistic) shows its cost. Prints one table with medians over the repeats and the ratio to the
+floor, the merge phase against `--workers 0`, and the bytes each Ray actor wrote.
 """
+
 from __future__ import annotations
 
 import argparse
-import re
-import resource
 import json
 import os
+import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -34,10 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
     "300M": (1024, 2816, 18, 16, 8, 32000),
     "1.2B": (2048, 5632, 22, 32, 4, 32000),
+    # two 131072 x 1024 matrices per model (about 0.55 GB): where TIES' whole-tensor work shows
+    "wide": (1024, 2816, 2, 16, 8, 131072),
 }
 
 
-def llama_tensors(hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int) -> list[tuple[str, tuple[int, ...]]]:
+def llama_tensors(
+    hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int
+) -> list[tuple[str, tuple[int, ...]]]:
     head_dim = hidden // heads
     out = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
@@ -79,17 +88,27 @@ def write_model(folder: Path, size: str, seed: int, shard_bytes: int) -> int:
         for name, shape in group:
             # bf16 bit patterns of +-[2^-8, 2^-6): magnitudes like trained weights, no NaN/inf
             bits = rng.integers(0x3B80, 0x3C80, size=shape, dtype=np.uint16)
-            bits |= (rng.integers(0, 2, size=shape, dtype=np.uint16) << 15)
+            bits |= rng.integers(0, 2, size=shape, dtype=np.uint16) << 15
             arrays[name] = bits
             total += bits.size
             weight_map[name] = fname
         _save_bf16(folder / fname, arrays)
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total * 2}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total * 2}, "weight_map": weight_map})
+    )
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv, "vocab_size": vocab, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
-        "rms_norm_eps": 1e-5, "max_position_embeddings": 2048,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "vocab_size": vocab,
+        "torch_dtype": "bfloat16",
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 2048,
     }
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     return total
@@ -145,6 +164,8 @@ def io_floor(files: list[Path], out_bytes: int, out_path: Path) -> float:
             n = min(left, len(buf))
             fh.write(view[:n])
             left -= n
+        fh.flush()
+        os.fsync(fh.fileno())
     seconds = time.perf_counter() - t0
     out_path.unlink()
     return seconds
@@ -174,21 +195,39 @@ _PHASE = re.compile(r"(ray start|actors up|shards|commit) ([0-9.]+) s")
 
 
 def merge_phases(log: str) -> dict[str, float]:
-    """The Ray driver's phase timings from its `-v` summary line (empty for --workers 0)."""
+    """The Ray executor's phase timings from its `-v` log line (empty for --workers 0)."""
     for line in reversed(log.splitlines()):
-        if "actors;" in line:
+        if "merge actors:" in line:
             return {k: float(v) for k, v in _PHASE.findall(line)}
     return {}
 
 
-def run_merge(paths, out, workers, device, shard_size) -> tuple[float, float, int, str, dict]:
+def run_merge(paths, out, workers, device, shard_size, method=("add", 1.0)) -> tuple[float, float, int, str, dict]:
     """Wall seconds, CPU seconds, peak RSS, summary line and Ray phase timings of one whole
     `chatvec merge` process."""
     shutil.rmtree(out, ignore_errors=True)
     settle()
-    cmd = chatvec_command() + ["-v",
-        "merge", "--cp", str(paths["cp"]), "--base", str(paths["base"]), "--chat", str(paths["chat"]),
-        "--out", str(out), "--workers", str(workers), "--device", device, "--shard-size", shard_size,
+    cmd = chatvec_command() + [
+        "-v",
+        "merge",
+        "--cp",
+        str(paths["cp"]),
+        "--base",
+        str(paths["base"]),
+        "--chat",
+        str(paths["chat"]),
+        "--out",
+        str(out),
+        "--workers",
+        str(workers),
+        "--device",
+        device,
+        "--shard-size",
+        shard_size,
+        "--method",
+        method[0],
+        "--density",
+        str(method[1]),
     ]
     proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, cwd=ROOT)
     lines = proc.stderr.decode().strip().splitlines()
@@ -219,10 +258,32 @@ def _cpu_self() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _methods(text: str) -> list[tuple[str, float]]:
+    """ "add,ties:0.5" -> [("add", 1.0), ("ties", 0.5)]."""
+    out = []
+    for item in text.split(","):
+        name, _, density = item.partition(":")
+        out.append((name, float(density or 1.0)))
+    return out
+
+
+_BYTES_PER_WORKER = re.compile(r"bytes per worker: (.*)$", re.M)
+
+
+def bytes_per_worker(summary: str) -> str:
+    """'merge actor 0 ... 1.2 GB, merge actor 1 ... 1.1 GB' -> 'actor 0 1.2 GB / actor 1 1.1 GB'."""
+    m = _BYTES_PER_WORKER.search(summary)
+    if not m:
+        return "-"
+    parts = re.findall(r"merge actor (\d+) pid \d+ on \S+ ([0-9.]+ [kMGT]?B)", m.group(1))
+    return " / ".join(f"actor {k} {size}" for k, size in parts) or m.group(1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="300M")
     ap.add_argument("--workers", default="0", help="comma-separated worker counts, e.g. 0,1,2")
+    ap.add_argument("--methods", default="add", help="comma-separated methods with densities, e.g. add,ties:0.5")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shard-size", default="200MB")
@@ -239,12 +300,19 @@ def main() -> None:
         in_bytes = sum(f.stat().st_size for f in files)
         out_bytes = sum(f.stat().st_size for f in paths["cp"].glob("*.safetensors"))
         workers = [int(w) for w in args.workers.split(",")]
+        methods = _methods(args.methods)
+        runs = [(w, m) for m in methods for w in workers]
+
+        def label(w: int, m: tuple[str, float]) -> str:
+            return f"--workers {w}" + ("" if m[0] == "add" else f" {m[0]} {m[1]:g}")
+
         io_floor(files, out_bytes, workdir / "floor.bin")  # warm the page cache
         rows: dict[str, list[tuple[float, float, int]]] = {"floor": []}
-        inner: dict[int, list[float]] = {}
-        startup: dict[int, list[float]] = {}
-        for w in workers:
-            rows[f"merge --workers {w}"] = []
+        inner: dict[str, list[float]] = {}
+        startup: dict[str, list[float]] = {}
+        spread: dict[str, str] = {}
+        for w, m in runs:
+            rows[label(w, m)] = []
         last = ""
         for _ in range(args.repeats):
             shutil.rmtree(workdir / "out", ignore_errors=True)
@@ -252,32 +320,51 @@ def main() -> None:
             c0 = _cpu_self()
             s = io_floor(files, out_bytes, workdir / "floor.bin")
             rows["floor"].append((s, _cpu_self() - c0, 0))
-            for w in workers:
-                s, cpu, rss, last, phases = run_merge(paths, workdir / "out", w, args.device, args.shard_size)
-                rows[f"merge --workers {w}"].append((s, cpu, rss))
-                inner.setdefault(w, []).append(_inner_seconds(last, phases))
+            for w, m in runs:
+                name = label(w, m)
+                s, cpu, rss, last, phases = run_merge(paths, workdir / "out", w, args.device, args.shard_size, m)
+                rows[name].append((s, cpu, rss))
+                inner.setdefault(name, []).append(_inner_seconds(last, phases))
                 if phases:
-                    startup.setdefault(w, []).append(phases.get("ray start", 0.0) + phases.get("actors up", 0.0))
+                    startup.setdefault(name, []).append(phases.get("ray start", 0.0) + phases.get("actors up", 0.0))
+                    spread[name] = bytes_per_worker(last)
         floor = statistics.median(v[0] for v in rows["floor"])
         floor_cpu = statistics.median(v[1] for v in rows["floor"])
-        print(f"\n{args.size} bf16 Llama-shaped triple: reads {format_size(in_bytes)}, writes {format_size(out_bytes)}; "
-              f"shards {args.shard_size}; device {args.device}; median of {args.repeats}; page cache warm; {os.cpu_count()} CPUs")
-        print(f"{'run':<18} {'wall s':>7} {'min s':>6} {'x floor':>8} {'CPU s':>6} {'x floor CPU':>12} {'GB/s':>6} {'peak RSS':>9}")
+        print(
+            f"\n{args.size} bf16 Llama-shaped triple: reads {format_size(in_bytes)}, "
+            f"writes {format_size(out_bytes)}; "
+            f"shards {args.shard_size}; device {args.device}; median of {args.repeats}; page cache warm; "
+            f"{os.cpu_count()} CPUs"
+        )
+        print("| run | wall s | fastest | x floor | CPU s | x floor CPU | GB/s | peak RSS |")
+        print("|---|---|---|---|---|---|---|---|")
         for name, vals in rows.items():
             med = statistics.median(v[0] for v in vals)
             cpu = statistics.median(v[1] for v in vals)
             rss = max(v[2] for v in vals)
-            print(f"{name:<18} {med:7.2f} {min(v[0] for v in vals):6.2f} {med / floor:8.2f} {cpu:6.2f} {cpu / floor_cpu:12.2f} "
-                  f"{(in_bytes + out_bytes) / med / 1e9:6.2f} {format_size(rss) if rss else '-':>9}")
-        print("GB/s counts input plus output bytes; CPU s is user + system time of the process (for the floor: of its reads and writes).")
-        print("\nThe merge itself, inside the command (imports, and for Ray its start-up and actor start-up, left out):")
-        print(f"{'run':<18} {'merge s':>8} {'x workers 0':>12} {'Ray+actor start s':>18}")
-        base = statistics.median(inner[workers[0]]) if workers[0] == 0 else None
-        for w in workers:
-            med = statistics.median(inner[w])
-            ratio = f"{med / base:12.2f}" if base else f"{'-':>12}"
-            start = f"{statistics.median(startup[w]):18.2f}" if w in startup else f"{'-':>18}"
-            print(f"{'merge --workers ' + str(w):<18} {med:8.2f} {ratio} {start}")
+            shown = "I/O floor (fsync included)" if name == "floor" else f"`chatvec merge {name}`"
+            print(
+                f"| {shown} | {med:.2f} | {min(v[0] for v in vals):.2f} | {med / floor:.2f} | {cpu:.2f} | "
+                f"{cpu / floor_cpu:.2f} | {(in_bytes + out_bytes) / med / 1e9:.2f} | "
+                f"{format_size(rss) if rss else '-'} |"
+            )
+        print(
+            "GB/s counts input plus output bytes; CPU s is user + system time of the process (for the floor: "
+            "of its reads and writes)."
+        )
+        print(
+            "\nThe merge itself, inside the command (imports, and for Ray its start-up and actor start-up, left out):"
+        )
+        print("| run | merge s | x `--workers 0` add | Ray + actor start s | bytes per actor |")
+        print("|---|---|---|---|---|")
+        base_name = label(0, methods[0]) if 0 in workers and methods[0][0] == "add" else None
+        base = statistics.median(inner[base_name]) if base_name else None
+        for w, m in runs:
+            name = label(w, m)
+            med = statistics.median(inner[name])
+            ratio = f"{med / base:.2f}" if base else "-"
+            start = f"{statistics.median(startup[name]):.2f}" if name in startup else "-"
+            print(f"| `{name}` | {med:.2f} | {ratio} | {start} | {spread.get(name, '-')} |")
         print(f"last summary: {last}")
     finally:
         if not args.workdir:

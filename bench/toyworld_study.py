@@ -15,6 +15,7 @@ hf engine on CPU). Metrics, each with a 95% Wilson interval:
 Usage:  nice python bench/toyworld_study.py --work bench-out/toyworld --seeds 0 1 2
         (one seed at a time; about 6 minutes of training per seed on one core)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,7 +102,7 @@ def merge_engine_available() -> bool:
 
 def merge_with_engine(world: Path, out: Path, ratio: float, embeddings: str) -> Path:
     """CP + ratio * (chat - base) with the project's merge engine."""
-    from merge.output import merge_local
+    from merge.pipeline import merge_local
     from merge.plan import build_plan
     from merge.recipe import Recipe, VectorSpec
 
@@ -124,16 +125,19 @@ def same_weights(a: Path, b: Path) -> bool:
 
 # -- evaluation -----------------------------------------------------------------------------------
 def evaluate(model_dir: Path, items: list[dict], max_new_tokens: int = 16) -> dict:
+    from demo.toyworld.language import SCRIPTS as TOY_SCRIPTS
     from eval.engines.base import Decoding, GenerationRequest
     from eval.engines.hf import HFEngine
     from eval.fidelity import ScriptDetector
-    from eval.kinds.task import TOY_SCRIPTS, either_script_match, exact_match
+    from eval.kinds.task import either_script_match, exact_match
     from eval.prompts import Prompts
 
     engine = HFEngine(str(model_dir), device="cpu", dtype="float32", batch_size=32)
     prompts = Prompts(engine.tokenizer, model_name=model_dir.name)
     dec = Decoding(max_new_tokens=max_new_tokens)
-    requests = [GenerationRequest(prompts.chat_ids([{"role": "user", "content": it["prompt"]}])[1], dec) for it in items]
+    requests = [
+        GenerationRequest(prompts.chat_ids([{"role": "user", "content": it["prompt"]}])[1], dec) for it in items
+    ]
     gens = engine.generate(requests)
     engine.close()
     detect = ScriptDetector(TOY_SCRIPTS)
@@ -188,12 +192,19 @@ def run_seed(work: Path, seed: int, ratios: list[float], quick: bool, no_code_sw
             if not same_weights(models[f"cp+1tau {emb}"], ref):
                 raise SystemExit(f"seed {seed}: the merge engine's cp+1tau {emb} differs from in-process arithmetic")
         engine_used += " (= in-process arithmetic, bit for bit)"
-    models["cp+1random all"] = merge_in_process(world, world / "merged" / "inproc-random-r1-all", 1.0, "all",
-                                                random_seed=10_000 + seed)
+    models["cp+1random all"] = merge_in_process(
+        world, world / "merged" / "inproc-random-r1-all", 1.0, "all", random_seed=10_000 + seed
+    )
     results = {name: evaluate(path, items) for name, path in models.items()}
     results["chat (L1 prompts)"] = evaluate(world / "chat", items_l1)
-    return {"seed": seed, "no_code_switch": no_code_switch, "merge": engine_used, "twin_alignment": {k: v["twin_alignment"] for k, v in info["models"].items()},
-            "train_seconds": info["train_seconds"], "results": results}
+    return {
+        "seed": seed,
+        "no_code_switch": no_code_switch,
+        "merge": engine_used,
+        "twin_alignment": {k: v["twin_alignment"] for k, v in info["models"].items()},
+        "train_seconds": info["train_seconds"],
+        "results": results,
+    }
 
 
 def _cell(k: int, n: int) -> str:
@@ -204,8 +215,11 @@ def _cell(k: int, n: int) -> str:
 def print_table(runs: list[dict]) -> None:
     names = list(runs[0]["results"])
     for run in runs + [None]:
-        title = f"seed {run['seed']} (merge: {run['merge']}; twin alignment {run['twin_alignment']})" if run else \
-            f"all seeds pooled ({len(runs)} seeds; intervals over items, not seeds)"
+        title = (
+            f"seed {run['seed']} (merge: {run['merge']}; twin alignment {run['twin_alignment']})"
+            if run
+            else f"all seeds pooled ({len(runs)} seeds; intervals over items, not seeds)"
+        )
         print(f"\n{title}")
         print(f"{'model':22s} " + " ".join(f"{m:>17s}" for m in METRICS) + "     n")
         for name in names:
@@ -233,11 +247,18 @@ def print_by_task(runs: list[dict]) -> None:
 
 def print_markdown(runs: list[dict]) -> None:
     """The pooled table as Markdown, each cell with its Wilson interval and the per-seed rates."""
-    heads = {"closed": "closes (format)", "either": "right words, either script (skill)",
-             "exact": "right answer in L2 script", "in_lang": "answer in L2 script (fidelity)"}
+    heads = {
+        "closed": "closes (format)",
+        "either": "right words, either script (skill)",
+        "exact": "right answer in L2 script",
+        "in_lang": "answer in L2 script (fidelity)",
+    }
     seeds = ", ".join(str(r["seed"]) for r in runs)
-    print(f"\n| model (seeds {seeds}; n = {sum(r['results']['cp']['n'] for r in runs)}) | "
-          + " | ".join(heads[m] for m in METRICS) + " |")
+    print(
+        f"\n| model (seeds {seeds}; n = {sum(r['results']['cp']['n'] for r in runs)}) | "
+        + " | ".join(heads[m] for m in METRICS)
+        + " |"
+    )
     print("|---" * (len(METRICS) + 1) + "|")
     for name in runs[0]["results"]:
         cells = []
@@ -256,9 +277,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1.0, 1.25])
     ap.add_argument("--quick", action="store_true", help="small worlds (a smoke test of this script)")
-    ap.add_argument("--report-only", action="store_true", help="print the tables of the study-seed*.json files under --work")
-    ap.add_argument("--no-code-switch", action="store_true",
-                    help="ablation: no code-switched chunks in the base's data (does anything still transfer?)")
+    ap.add_argument(
+        "--report-only", action="store_true", help="print the tables of the study-seed*.json files under --work"
+    )
+    ap.add_argument(
+        "--no-code-switch",
+        action="store_true",
+        help="ablation: no code-switched chunks in the base's data (does anything still transfer?)",
+    )
     args = ap.parse_args()
     import torch
 

@@ -1,5 +1,6 @@
 """The `chatvec` command. Subcommands live in their own modules and are imported only when run,
 so `chatvec --help` and a `--workers 0` merge never pay for importing Ray."""
+
 from __future__ import annotations
 
 import importlib

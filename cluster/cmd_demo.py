@@ -10,6 +10,7 @@ and chat baselines and every merge evaluated with the hf engine on the toy tasks
 (the CP model's language, where the chat vector has to transfer) and in L1 (the chat model's
 own language, for reference), and a report. No judge: the task kind scores exact answers.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -18,6 +19,8 @@ import shutil
 from pathlib import Path
 
 import click
+
+from merge import layout
 
 NOTE = (
     "The toy world: tiny Llamas (0.93M parameters) trained on two synthetic languages that differ "
@@ -86,8 +89,7 @@ def relative_benchmarks(world: Path) -> Path:
     return path
 
 
-def prepare_world(world: Path, *, seed: int = 0, quick: bool = False, rebuild: bool = False,
-                  echo=click.echo) -> Path:
+def prepare_world(world: Path, *, seed: int = 0, quick: bool = False, rebuild: bool = False, echo=click.echo) -> Path:
     """A finished toy world at ``world``: kept if it is the one asked for, else copied from the
     shipped checkpoints (seed 0, full) or trained (a few minutes; seconds with ``quick``)."""
     from merge.errors import InputError
@@ -113,22 +115,39 @@ def prepare_world(world: Path, *, seed: int = 0, quick: bool = False, rebuild: b
     from demo.toyworld.build import WorldConfig, build_world
 
     config = WorldConfig.small(seed) if quick else WorldConfig.full(seed)
-    echo(f"training the toy world (seed {seed}{', quick' if quick else ''}) into {world}"
-         f"{'' if quick else ': a few minutes on one core'}")
+    echo(
+        f"training the toy world (seed {seed}{', quick' if quick else ''}) into {world}"
+        f"{'' if quick else ': a few minutes on one core'}"
+    )
     build_world(str(world), config, progress=True)
     return world
 
 
-def write_sweep_file(out: Path, *, world: Path | None = None, name: str = "demo", ratios=RATIOS,
-                     embeddings=EMBEDDINGS, languages=LANGUAGES, limit: int | None = None) -> Path:
+def write_sweep_file(
+    out: Path,
+    *,
+    world: Path | None = None,
+    name: str = "demo",
+    ratios=RATIOS,
+    embeddings=EMBEDDINGS,
+    languages=LANGUAGES,
+    limit: int | None = None,
+) -> Path:
     """``out/sweep.yaml`` for the world at ``world`` (default ``out/world``), storing under ``out/store``."""
     path = out / "sweep.yaml"
     w = (world or out / "world").as_posix()
-    targets = "".join(f"  - {{language: {lang}, cp: {w}/cp, benchmarks: [{w}/benchmarks.yaml]}}\n" for lang in languages)
+    targets = "".join(
+        f"  - {{language: {lang}, cp: {w}/cp, benchmarks: [{w}/benchmarks.yaml]}}\n" for lang in languages
+    )
     text = SWEEP_TEMPLATE.format(
-        name=name, world=w, store=(out / "store").as_posix(), targets=targets,
-        ratios=", ".join(f"{r:g}" for r in ratios), embeddings=", ".join(embeddings),
-        limit=f", limit: {limit}" if limit else "", sweep_path=path.as_posix(),
+        name=name,
+        world=w,
+        store=(out / "store").as_posix(),
+        targets=targets,
+        ratios=", ".join(f"{r:g}" for r in ratios),
+        embeddings=", ".join(embeddings),
+        limit=f", limit: {limit}" if limit else "",
+        sweep_path=path.as_posix(),
     )
     path.write_text(text, encoding="utf-8")
     return path
@@ -154,9 +173,21 @@ def key_table(root: str, run_id: str) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: Path, *, run_id: str | None = None, workers: int = 2, eval_workers: int = 2,
-             config_path: str | None = None, seed: int = 0, quick: bool = False, rebuild: bool = False,
-             limit: int | None = None, ratios=RATIOS, embeddings=EMBEDDINGS, echo=click.echo):
+def run_demo(
+    out: Path,
+    *,
+    run_id: str | None = None,
+    workers: int = 2,
+    eval_workers: int = 2,
+    config_path: str | None = None,
+    seed: int = 0,
+    quick: bool = False,
+    rebuild: bool = False,
+    limit: int | None = None,
+    ratios=RATIOS,
+    embeddings=EMBEDDINGS,
+    echo=click.echo,
+):
     """Prepare the world, write the sweep file and run it; returns (sweep path, SweepOutcome)."""
     from cluster.config import load_config
     from cluster.sweep import load_sweep
@@ -172,21 +203,31 @@ def run_demo(out: Path, *, run_id: str | None = None, workers: int = 2, eval_wor
     sweep = load_sweep(str(sweep_path))
     run_id = run_id or dt.datetime.now(dt.timezone.utc).strftime("demo-%Y%m%d-%H%M%S")
     notes = (NOTE, QUICK_NOTE) if quick else (NOTE,)
-    outcome = run_sweep(sweep, run_id=run_id, config=config, merge_workers=workers, eval_workers=eval_workers,
-                        notes=notes, echo=echo)
+    outcome = run_sweep(
+        sweep, run_id=run_id, config=config, merge_workers=workers, eval_workers=eval_workers, notes=notes, echo=echo
+    )
     return sweep_path, outcome
 
 
 @click.command()
-@click.option("--out", default="demo-out", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for the world's copy, the sweep file and the store (models/, results/, reports/).")
+@click.option(
+    "--out",
+    default="demo-out",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for the world's copy, the sweep file and the store (models/, results/, reports/).",
+)
 @click.option("--rebuild", is_flag=True, help="Train the toy world again instead of using the shipped one (minutes).")
-@click.option("--seed", type=int, default=0, show_default=True, help="The world's seed; other than 0 trains a new world.")
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="The world's seed; other than 0 trains a new world."
+)
 @click.option("--quick", is_flag=True, help="Train a small world in seconds instead (its numbers mean little).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many instructions (of 240).")
 @click.option("--run-id", default=None, help="Name of the run (default: demo-<UTC time>).")
 @click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Merge actors (0: no Ray).")
-@click.option("--eval-workers", type=click.IntRange(min=0), default=2, show_default=True, help="Eval actors (0: no Ray).")
+@click.option(
+    "--eval-workers", type=click.IntRange(min=0), default=2, show_default=True, help="Eval actors (0: no Ray)."
+)
 @click.option("--config", "config_path", default=None, help="ray_config.yaml to use (default: ./ray_config.yaml).")
 def demo(out, rebuild, seed, quick, limit, run_id, workers, eval_workers, config_path):
     """Merge and evaluate the toy world's chat vector at three ratios and two embedding policies."""
@@ -195,18 +236,29 @@ def demo(out, rebuild, seed, quick, limit, run_id, workers, eval_workers, config
     # Ray's workers inherit this: no per-model loading bars from every actor in the demo's output
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     out_dir = Path(out).absolute()
-    sweep_path, outcome = run_demo(out_dir, run_id=run_id, workers=workers, eval_workers=eval_workers,
-                                   config_path=config_path, seed=seed, quick=quick, rebuild=rebuild, limit=limit)
+    sweep_path, outcome = run_demo(
+        out_dir,
+        run_id=run_id,
+        workers=workers,
+        eval_workers=eval_workers,
+        config_path=config_path,
+        seed=seed,
+        quick=quick,
+        rebuild=rebuild,
+        limit=limit,
+    )
     click.echo("")
     click.echo("CP + r x (chat - base) on the toy tasks, by prompt language (mean [95% Wilson interval]):")
     click.echo(key_table(outcome.root, outcome.run_id))
-    click.echo("closed: the chat format (answer ends with the closing token); either_script: the right "
-               "words in either script (skill); exact_match: the right answer in the prompt's script; "
-               "in_language: answers in the prompt's script. emb all: the vector added to every tensor; "
-               "emb skip: embedding and LM-head rows kept from CP.")
+    click.echo(
+        "closed: the chat format (answer ends with the closing token); either_script: the right "
+        "words in either script (skill); exact_match: the right answer in the prompt's script; "
+        "in_language: answers in the prompt's script. emb all: the vector added to every tensor; "
+        "emb skip: embedding and LM-head rows kept from CP."
+    )
     click.echo("")
     click.echo(f"sweep file: {sweep_path}")
-    click.echo(f"models:     {out_dir / 'store' / 'models'}")
+    click.echo(f"models:     {out_dir / 'store' / layout.MODELS}")
     click.echo(f"results:    {outcome.results_uri}")
     click.echo(f"report:     {outcome.report_uri}")
     click.echo(f"list runs:  chatvec results --root {out_dir / 'store'}")

@@ -1,4 +1,5 @@
 """`chatvec benchmarks` and `chatvec eval`. Heavy imports happen inside the commands."""
+
 from __future__ import annotations
 
 import click
@@ -35,8 +36,10 @@ def benchmarks(fields: bool) -> None:
         items = ", ".join(f"{lang}:{n}" for lang, n in counts.items())
         rows.append((spec.name, spec.kind, items, spec.description))
     click.echo(table(("benchmark", "kind", "languages:items", "description"), rows))
-    click.echo("\nYour own data: --benchmark NAME=FILE.jsonl:KIND:LANGUAGE (or .parquet, dataset:ORG/NAME, "
-               "a YAML of benchmarks). Kinds: " + ", ".join(kind_names()))
+    click.echo(
+        "\nYour own data: --benchmark NAME=FILE.jsonl:KIND:LANGUAGE (or .parquet, dataset:ORG/NAME, "
+        "a YAML of benchmarks). Kinds: " + ", ".join(kind_names())
+    )
     if fields:
         click.echo("")
         for name in kind_names():
@@ -53,16 +56,50 @@ def benchmarks(fields: bool) -> None:
 
 
 @click.command("eval")
-@click.option("--model", "models", multiple=True, required=True, metavar="NAME=URI",
-              help="A model to evaluate (local folder, s3://..., hf://org/name); repeat for more.")
-@click.option("--benchmark", "benchmark_args", multiple=True, metavar="NAME|NAME=SOURCE:KIND:LANG|FILE.yaml",
-              help="Benchmarks to run (default: all shipped samples); repeat for more.")
-@click.option("--language", "languages", multiple=True, metavar="CODE",
-              help="Only these languages (en, zh-Hant, zh-Hans, ko, ja, ...); repeat for more.")
-@click.option("--engine", type=click.Choice(["hf", "vllm"]), default=None, help="Default: eval.engine of the config (hf).")
-@click.option("--judge", default=None, metavar="URI", help="Judge model for the judged metrics (none: left unscored).")
-@click.option("--workers", type=int, default=None,
-              help="0: in this process without Ray; N: N eval actors on Ray (default: eval.workers of the config).")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    required=True,
+    metavar="NAME=URI",
+    help="A model to evaluate (local folder, s3://..., hf://org/name); repeat for more.",
+)
+@click.option(
+    "--benchmark",
+    "benchmark_args",
+    multiple=True,
+    metavar="NAME|NAME=SOURCE:KIND:LANG|FILE.yaml",
+    help="Benchmarks to run (default: all shipped samples); repeat for more.",
+)
+@click.option(
+    "--language",
+    "languages",
+    multiple=True,
+    metavar="CODE",
+    help="Only these languages (en, zh-Hant, zh-Hans, ko, ja, ...); repeat for more.",
+)
+@click.option(
+    "--engine", type=click.Choice(["hf", "vllm"]), default=None, help="Default: eval.engine of the config (hf)."
+)
+@click.option(
+    "--judge",
+    default=None,
+    metavar="URI|openai:MODEL",
+    help="Judge for the judged metrics: a model's URI, or openai:MODEL for an OpenAI-compatible "
+    "endpoint (OPENAI_BASE_URL, OPENAI_API_KEY). None: they stay unscored.",
+)
+@click.option(
+    "--judge-max-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tokens the judge may write (default: eval.judge_max_new_tokens, 2048).",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    help="0: in this process without Ray; N: N eval actors on Ray (default: eval.workers of the config).",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 @click.option("--batch-size", type=int, default=None, help="Requests per batch (default: eval.batch_size).")
 @click.option("--max-new-tokens", type=int, default=None, help="Cap on every benchmark's answer length.")
@@ -71,23 +108,57 @@ def benchmarks(fields: bool) -> None:
 @click.option("--config", "config_path", default=None, metavar="PATH", help="ray_config.yaml to use.")
 @click.option("--out", required=True, metavar="URI", help="Output location (local folder or s3://...).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def eval_cmd(models, benchmark_args, languages, engine, judge, workers, device, batch_size, max_new_tokens, limit,
-             run_id, config_path, out, quiet) -> int:
+def eval_cmd(
+    models,
+    benchmark_args,
+    languages,
+    engine,
+    judge,
+    judge_max_tokens,
+    workers,
+    device,
+    batch_size,
+    max_new_tokens,
+    limit,
+    run_id,
+    config_path,
+    out,
+    quiet,
+) -> int:
     """Evaluate models over languages and benchmarks; finished cells in --out are kept."""
     from cluster.config import load_config
     from cluster.eval_driver import run_eval
     from eval.tabulate import format_summary
 
     outcome = run_eval(
-        parse_models(models), benchmarks=list(benchmark_args) or None, languages=list(languages) or None,
-        engine=engine, judge=judge, workers=workers, out_uri=out, run_id=run_id,
-        config=load_config(config_path), device=device, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        limit=limit, show_progress=not quiet,
+        parse_models(models),
+        benchmarks=list(benchmark_args) or None,
+        languages=list(languages) or None,
+        engine=engine,
+        judge=judge,
+        workers=workers,
+        out_uri=out,
+        run_id=run_id,
+        config=load_config(config_path),
+        device=device,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        limit=limit,
+        judge_max_new_tokens=judge_max_tokens,
+        show_progress=not quiet,
     )
     click.echo(format_summary(outcome.summary))
+    if outcome.redone:
+        click.echo(f"\ncomputed again because their inputs changed ({len(outcome.redone)} cell(s)):")
+        for key, reasons in outcome.redone.items():
+            click.echo(f"  {key}: {'; '.join(reasons)}")
     c = outcome.counts
-    click.echo(f"\nrun {outcome.run_id}: {c['cells']} cells, {c['generated']} generated, {c['skipped']} already done, "
-               f"{c['judged']} judged, {c['failed']} failed; results in {out}")
+    click.echo(
+        f"\nrun {outcome.run_id}: {c['cells']} cells, {c['generated']} generated, {c['skipped']} already done, "
+        f"{c['judged']} judged, {c['failed']} failed; results in {out}"
+    )
+    if outcome.loads:  # one long-lived engine per model: each model should be loaded once
+        click.echo("engine loads: " + ", ".join(f"{uri} x{n}" for uri, n in sorted(outcome.loads.items())))
     if not judge and any(r["n_unscored"] for r in outcome.summary.to_pylist()):
         click.echo("judged metrics are unscored: pass --judge URI to score them (this run resumes where it stopped)")
     if outcome.failed:

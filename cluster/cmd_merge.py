@@ -1,8 +1,11 @@
 """`chatvec extract` and `chatvec merge`. Heavy imports happen inside the commands: a
 `--workers 0` merge never imports Ray, torch (on the CPU) or transformers."""
+
 from __future__ import annotations
 
 import click
+
+from merge.methods import METHOD_NAMES
 
 _DEVICES = click.Choice(["cpu", "cuda", "auto"])
 
@@ -14,20 +17,14 @@ def _settings(config_path: str | None):
 
 
 def _run(plan, out: str, *, workers: int | None, device: str | None, overwrite: bool, config_path: str | None):
-    from merge.kernels import resolve_device
+    from cluster.merge_driver import run_merge_job
 
-    # ray_config.yaml is read only when a default is needed (pydantic models cost ~0.1 s to import)
-    cfg = _settings(config_path) if workers is None or device is None or workers > 0 else None
+    # read even when the flags give workers and device: merge.lock_ttl_s applies to both paths
+    cfg = _settings(config_path)
     workers = cfg.merge.workers if workers is None else workers
-    device = device or cfg.merge.device
-    if workers == 0:
-        from merge.output import merge_local
-
-        summary = merge_local(plan, out, device=resolve_device(device), overwrite=overwrite, progress=True)
-    else:
-        from cluster.merge_driver import run_distributed
-
-        summary = run_distributed(plan, out, workers=workers, config=cfg, device=device, overwrite=overwrite)
+    summary = run_merge_job(
+        plan, out, workers=workers, device=device or cfg.merge.device, overwrite=overwrite, config=cfg
+    )
     click.echo(summary.line())
     return 0
 
@@ -40,14 +37,32 @@ def _shard_size(text: str | None, config_path: str | None) -> int:
 
 _common = [
     click.option("--out", "out", required=True, help="Where to write: a folder or URI (s3://bucket/prefix, ...)."),
-    click.option("--shard-size", default=None, help="Largest output shard, e.g. 2GB, 200MB (default: ray_config.yaml, 2GB)."),
-    click.option("--device", type=_DEVICES, default=None, help="Where the arithmetic runs (default: ray_config.yaml merge.device)."),
-    click.option("--workers", type=click.IntRange(min=0), default=None,
-                 help="0: merge in this process without Ray; N: N Ray merge actors (default: ray_config.yaml)."),
+    click.option(
+        "--shard-size", default=None, help="Largest output shard, e.g. 2GB, 200MB (default: ray_config.yaml, 2GB)."
+    ),
+    click.option(
+        "--device",
+        type=_DEVICES,
+        default=None,
+        help="Where the arithmetic runs (default: ray_config.yaml merge.device).",
+    ),
+    click.option(
+        "--workers",
+        type=click.IntRange(min=0),
+        default=None,
+        help="0: merge in this process without Ray; N: N Ray merge actors (default: ray_config.yaml).",
+    ),
     click.option("--overwrite", is_flag=True, help="Replace a model already committed at --out."),
-    click.option("--allow-pickle", is_flag=True, help="Allow .bin/.pt checkpoints (loaded with torch.load(weights_only=True))."),
-    click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
-                 help="ray_config.yaml to read defaults from (default: ./ray_config.yaml when it exists)."),
+    click.option(
+        "--allow-pickle", is_flag=True, help="Allow .bin/.pt checkpoints (loaded with torch.load(weights_only=True))."
+    ),
+    click.option(
+        "--config",
+        "config_path",
+        default=None,
+        type=click.Path(dir_okay=False),
+        help="ray_config.yaml to read defaults from (default: ./ray_config.yaml when it exists).",
+    ),
 ]
 
 
@@ -60,17 +75,30 @@ def _with_common(fn):
 @click.command()
 @click.option("--base", required=True, help="The base (pre-trained) model: folder, URI or Hugging Face id.")
 @click.option("--chat", required=True, help="The chat model fine-tuned from --base.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
-              help="Storage dtype of the vector; float32 keeps extract + merge equal to a direct merge.")
-@click.option("--embeddings", type=click.Choice(["overlap", "by-token"]), default=None,
-              help="How rows pair when base and chat vocabularies differ (default: by-token).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Storage dtype of the vector; float32 keeps extract + merge equal to a direct merge.",
+)
+@click.option(
+    "--embeddings",
+    type=click.Choice(["overlap", "by-token"]),
+    default=None,
+    help="How rows pair when base and chat vocabularies differ (default: by-token).",
+)
 @_with_common
 def extract(base, chat, dtype, embeddings, out, shard_size, device, workers, overwrite, allow_pickle, config_path):
     """Write the chat vector CHAT - BASE as a safetensors checkpoint."""
     from merge.extract import build_extract_plan
 
     plan = build_extract_plan(
-        base, chat, dtype=dtype, shard_size=_shard_size(shard_size, config_path), embeddings=embeddings,
+        base,
+        chat,
+        dtype=dtype,
+        shard_size=_shard_size(shard_size, config_path),
+        embeddings=embeddings,
         allow_pickle=allow_pickle,
     )
     return _run(plan, out, workers=workers, device=device, overwrite=overwrite, config_path=config_path)
@@ -78,35 +106,123 @@ def extract(base, chat, dtype, embeddings, out, shard_size, device, workers, ove
 
 @click.command()
 @click.option("--recipe", "recipe_path", default=None, help="A recipe YAML (CP model and several vectors with ratios).")
+@click.option(
+    "--mergekit-config",
+    "mergekit_path",
+    default=None,
+    help="A mergekit YAML (task_arithmetic, ties, dare_ties, dare_linear), merged with mergekit's formulas.",
+)
 @click.option("--cp", default=None, help="The continually pre-trained model to give chat skills to.")
 @click.option("--base", default=None, help="Base model of the chat vector.")
 @click.option("--chat", default=None, help="Chat model of the chat vector.")
 @click.option("--vector", default=None, help="A vector written by `chatvec extract` (instead of --base/--chat).")
 @click.option("--ratio", type=float, default=None, help="Scale of the vector (default 1.0; the paper also uses 0.5).")
-@click.option("--method", type=click.Choice(["add", "ties", "dare"]), default=None, help="How the vector is applied (default add).")
-@click.option("--density", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=None,
-              help="ties: fraction of |tau| kept per tensor; dare: keep probability (default 1).")
+@click.option(
+    "--method", type=click.Choice(list(METHOD_NAMES)), default=None, help="How the vector is applied (default add)."
+)
+@click.option(
+    "--density",
+    type=click.FloatRange(min=0.0, max=1.0, min_open=True),
+    default=None,
+    help="ties: fraction of |tau| kept per tensor; dare, dare_ties: keep probability (default 1).",
+)
 @click.option("--seed", type=int, default=None, help="Seed of dare's random drop (default 0).")
-@click.option("--embeddings", type=click.Choice(["skip", "overlap", "by-token"]), default=None,
-              help="Embedding/LM-head rows when vocabularies differ: skip, overlap or by-token.")
-@click.option("--chat-tokens-from-chat", is_flag=True, default=None, help="Copy rows of chat-only tokens from the chat model.")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default=None,
-              help="Output dtype (default: the CP model's).")
+@click.option(
+    "--embeddings",
+    type=click.Choice(["skip", "overlap", "by-token"]),
+    default=None,
+    help="Embedding/LM-head rows when vocabularies differ: skip, overlap or by-token.",
+)
+@click.option(
+    "--chat-tokens-from-chat", is_flag=True, default=None, help="Copy rows of chat-only tokens from the chat model."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default=None,
+    help="Output dtype (default: the CP model's).",
+)
 @_with_common
-def merge(recipe_path, cp, base, chat, vector, ratio, method, density, seed, embeddings, chat_tokens_from_chat, dtype,
-          out, shard_size, device, workers, overwrite, allow_pickle, config_path):
+def merge(
+    recipe_path,
+    mergekit_path,
+    cp,
+    base,
+    chat,
+    vector,
+    ratio,
+    method,
+    density,
+    seed,
+    embeddings,
+    chat_tokens_from_chat,
+    dtype,
+    out,
+    shard_size,
+    device,
+    workers,
+    overwrite,
+    allow_pickle,
+    config_path,
+):
     """Merge CP + ratio * (CHAT - BASE) (or a saved vector, or a recipe) into a new checkpoint."""
     from merge.errors import ConfigError
     from merge.plan import build_plan
     from merge.recipe import load_recipe, recipe_from_options
 
-    if recipe_path is not None:
-        clash = [f"--{k}" for k, v in (("cp", cp), ("base", base), ("chat", chat), ("vector", vector), ("ratio", ratio),
-                                        ("method", method), ("density", density), ("seed", seed)) if v is not None]
+    if mergekit_path is not None:
+        from merge.mergekit_config import load_mergekit_config
+
+        clash = [
+            f"--{k.replace('_', '-')}"
+            for k, v in (
+                ("recipe", recipe_path),
+                ("cp", cp),
+                ("base", base),
+                ("chat", chat),
+                ("vector", vector),
+                ("ratio", ratio),
+                ("method", method),
+                ("density", density),
+                ("seed", seed),
+                ("embeddings", embeddings),
+                ("chat_tokens_from_chat", chat_tokens_from_chat),
+            )
+            if v is not None
+        ]
         if clash:
-            raise ConfigError(f"--recipe names the models and ratios; drop {', '.join(clash)} or put them in the recipe")
+            raise ConfigError(f"--mergekit-config names the models and parameters; drop {', '.join(clash)}")
+        recipe = load_mergekit_config(mergekit_path)
+        if device == "cuda":
+            raise ConfigError("--mergekit-config merges compute on the CPU: drop --device cuda")
+        device = "cpu"
+        if dtype:
+            recipe = recipe.model_copy(update={"dtype": dtype})
+    elif recipe_path is not None:
+        clash = [
+            f"--{k}"
+            for k, v in (
+                ("cp", cp),
+                ("base", base),
+                ("chat", chat),
+                ("vector", vector),
+                ("ratio", ratio),
+                ("method", method),
+                ("density", density),
+                ("seed", seed),
+            )
+            if v is not None
+        ]
+        if clash:
+            raise ConfigError(
+                f"--recipe names the models and ratios; drop {', '.join(clash)} or put them in the recipe"
+            )
         recipe = load_recipe(recipe_path)
-        update = {k: v for k, v in (("embeddings", embeddings), ("dtype", dtype), ("chat_tokens_from_chat", chat_tokens_from_chat)) if v}
+        update = {
+            k: v
+            for k, v in (("embeddings", embeddings), ("dtype", dtype), ("chat_tokens_from_chat", chat_tokens_from_chat))
+            if v
+        }
         if update:
             recipe = recipe.model_copy(update=update)
     else:
@@ -115,9 +231,17 @@ def merge(recipe_path, cp, base, chat, vector, ratio, method, density, seed, emb
         if vector is None and (base is None or chat is None):
             raise ConfigError("give both --base and --chat (the vector is chat - base), or --vector")
         recipe = recipe_from_options(
-            cp=cp, base=base, chat=chat, vector=vector, ratio=1.0 if ratio is None else ratio, method=method or "add",
-            density=1.0 if density is None else density, seed=seed or 0, embeddings=embeddings,
-            chat_tokens_from_chat=bool(chat_tokens_from_chat), dtype=dtype,
+            cp=cp,
+            base=base,
+            chat=chat,
+            vector=vector,
+            ratio=1.0 if ratio is None else ratio,
+            method=method or "add",
+            density=1.0 if density is None else density,
+            seed=seed or 0,
+            embeddings=embeddings,
+            chat_tokens_from_chat=bool(chat_tokens_from_chat),
+            dtype=dtype,
         )
     plan = build_plan(recipe, shard_size=_shard_size(shard_size, config_path), allow_pickle=allow_pickle)
     return _run(plan, out, workers=workers, device=device, overwrite=overwrite, config_path=config_path)

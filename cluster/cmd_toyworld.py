@@ -1,4 +1,5 @@
 """`chatvec toyworld build`: the seeded toy world whose models the demo merges and evaluates."""
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,19 @@ def build(out: str, seed: int, quick: bool, progress: bool) -> None:
     config = WorldConfig.small(seed) if quick else WorldConfig.full(seed)
     summary = build_world(out, config, progress=progress)
     models = {name: {k: v for k, v in info.items() if k != "files"} for name, info in summary["models"].items()}
-    click.echo(f"toy world (seed {seed}{', quick' if quick else ''}) written to {out} "
-               f"in {summary['train_seconds']:.0f} s of training")
+    click.echo(
+        f"toy world (seed {seed}{', quick' if quick else ''}) written to {out} "
+        f"in {summary['train_seconds']:.0f} s of training"
+    )
     click.echo(json.dumps(models, indent=2))
     for name in ("base", "chat", "cp"):
         click.echo(f"  {name:5s} {out.rstrip('/')}/{name}")
     for name, info in summary["benchmarks"].items():
-        click.echo(f"  benchmark {name} (kind {info['kind']}, {info['items']} items per language, "
-                   f"languages {', '.join(info['data'])})")
-    click.echo(f"evaluate with: chatvec eval --model chat={out.rstrip('/')}/chat "
-               f"--benchmark {out.rstrip('/')}/benchmarks.yaml --out RESULTS_URI")
+        click.echo(
+            f"  benchmark {name} (kind {info['kind']}, {info['items']} items per language, "
+            f"languages {', '.join(info['data'])})"
+        )
+    click.echo(
+        f"evaluate with: chatvec eval --model chat={out.rstrip('/')}/chat "
+        f"--benchmark {out.rstrip('/')}/benchmarks.yaml --out RESULTS_URI"
+    )

@@ -1,8 +1,9 @@
 """ray_config.yaml: how chatvec runs on a cluster. Every CLI flag that overlaps overrides it."""
+
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -30,7 +31,7 @@ class RaySettings(_Strict):
 class MergeSettings(_Strict):
     workers: int = Field(default=2, ge=0)
     # "auto": one GPU per merge actor when the cluster has GPUs, none otherwise.
-    gpus_per_worker: Union[float, Auto] = "auto"
+    gpus_per_worker: float | Auto = "auto"
     cpus_per_worker: float = Field(default=1.0, ge=0)
     shard_size: str = "2GB"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -57,16 +58,54 @@ class MergeSettings(_Strict):
         return v
 
 
+class VLLMSettings(_Strict):
+    """The vllm engine's settings (eval.engines.vllm.VLLMOptions)."""
+
+    # context window; null = the model's own (a smaller one needs less KV cache)
+    max_model_len: int | None = Field(default=None, ge=2)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    # skip CUDA graphs / torch.compile: starts in seconds, decodes somewhat slower (auto: on CPU)
+    enforce_eager: bool | Auto = "auto"
+    # CPU build only: KV-cache size in GiB (what VLLM_CPU_KVCACHE_SPACE sets)
+    cpu_kvcache_gib: float = Field(default=4.0, gt=0)
+    # run the engine inside the actor's process instead of spawning two more (auto: on CPU)
+    in_process: bool | Auto = "auto"
+    # any other vllm.LLM keyword argument
+    llm_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("llm_kwargs")
+    @classmethod
+    def _not_managed(cls, v: dict) -> dict:
+        managed = {"model", "tokenizer", "tensor_parallel_size", "dtype", "trust_remote_code", "seed"}
+        clash = sorted(managed & set(v))
+        if clash:
+            raise ValueError(
+                f"chatvec sets {', '.join(clash)} itself (dtype: --dtype; tensor_parallel_size: "
+                "eval.gpus_per_engine); remove it from llm_kwargs"
+            )
+        return v
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of eval.engines.vllm.VLLMOptions."""
+        return self.model_dump()
+
+
 class EvalSettings(_Strict):
     workers: int = Field(default=1, ge=0)
     engine: Literal["hf", "vllm"] = "hf"
     # GPUs per engine = vLLM's tensor_parallel_size; "auto": 1 with GPUs, 0 without.
-    gpus_per_engine: Union[int, Auto] = "auto"
+    gpus_per_engine: int | Auto = "auto"
     cpus_per_engine: float = Field(default=1.0, ge=0)
     batch_size: int = Field(default=16, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     judge_workers: int = Field(default=1, ge=1)
+    judge_max_new_tokens: int = Field(default=2048, ge=1)  # room for a judge that reasons before it rates
     max_restarts: int = Field(default=1, ge=0)
+    vllm: VLLMSettings = Field(default_factory=VLLMSettings)
+
+    def engine_options(self, engine: str) -> dict[str, Any]:
+        """The chosen engine's own settings (only vllm has any)."""
+        return self.vllm.options() if engine == "vllm" else {}
 
 
 class StorageSettings(_Strict):

@@ -1,4 +1,7 @@
-"""The evaluation fan-out: eval actors over models, then judge actors over cells.
+"""The evaluation on Ray: ``RayExecutor`` maps the cells of ``eval.pipeline.run_pipeline`` to actors.
+
+The phases and what a cell does live in ``eval/`` (``eval.pipeline``, ``eval.runner``); this
+module only schedules: eval actors over models, then judge actors over cells.
 
 Each eval actor holds one engine for one model and runs every cell of that model before it
 takes the next model from the queue, so each model is loaded once per run. Actors request
@@ -11,34 +14,29 @@ with the error) and the actor goes on. An actor that dies fails the cell it was 
 cells queued behind it go back to the queue for a fresh actor (which loads that model again).
 ``workers=0`` runs everything in this process without importing Ray.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
-from eval.results import Cell, write_status, write_summary
-from eval.runner import (
+from eval.pipeline import (
     FAILED,
     GENERATE,
     JUDGE,
-    SKIPPED,
     CellResult,
-    absolute_run_args,
     EvalOutcome,
-    JudgeRunner,
-    ModelEvaluator,
+    ModelJob,
     Progress,
+    RunContext,
     RunSettings,
-    cells_to_generate,
-    cells_to_judge,
-    languages_in_play,
-    prepare_run,
-    run_in_process,
-    summarize,
+    run_pipeline,
 )
+from eval.results import Cell, write_status
 from merge.errors import ConfigError
 from merge.storage import Store
 
@@ -49,17 +47,21 @@ logger = logging.getLogger(__name__)
 class EvalWorker:
     """Holds one ModelEvaluator at a time."""
 
-    def __init__(self, out_uri: str, run_id: str, settings: RunSettings, languages: Sequence[str], judge: bool):
-        self.args = dict(out_uri=out_uri, run_id=run_id, settings=settings, languages=languages, judge=judge)
-        self.evaluator: ModelEvaluator | None = None
+    def __init__(self, run: RunContext):
+        self.run_context = run
+        self.store = Store(run.out_uri)  # one per actor process
+        self.evaluator = None
 
-    def prepare(self, model: str, uri: str) -> dict:
-        """Load ``model``, dropping the previous one. A load error is kept for its cells to report."""
+    def prepare(self, job: ModelJob) -> dict:
+        """Load the job's model, dropping the previous one. A load error is kept for its cells to report."""
         from eval.engines import LOAD_COUNTS
+        from eval.runner import ModelEvaluator
 
         if self.evaluator is not None:
             self.evaluator.close()
-        self.evaluator = ModelEvaluator(model, uri, **self.args)
+        self.evaluator = ModelEvaluator(
+            job.model, job.uri, run=self.run_context, store=self.store, identity=job.identity
+        )
         try:
             self.evaluator.ensure_loaded()
         except Exception:
@@ -75,19 +77,19 @@ class EvalWorker:
 
 
 class JudgeWorker:
-    def __init__(self, judge_uri: str, out_uri: str, run_id: str, settings: RunSettings):
-        self.runner = JudgeRunner(judge_uri, out_uri=out_uri, run_id=run_id, settings=settings)
+    def __init__(self, judge: str, run: RunContext):
+        from eval.runner import JudgeRunner
 
-    def prepare(self, _key: Any, _uri: Any) -> dict:
+        self.runner = JudgeRunner(judge, run=run, store=Store(run.out_uri))
+
+    def prepare(self, _job: Any) -> dict:
         from eval.engines import LOAD_COUNTS
 
-        error = None
-        if self.runner.engine is None:
-            try:
-                self.runner.load()
-            except Exception as exc:  # each cell reports it
-                error = f"{type(exc).__name__}: {exc}"
-        return {"pid": os.getpid(), "loads": dict(LOAD_COUNTS), "error": error}
+        try:
+            self.runner.ensure_loaded()
+        except Exception:  # each cell reports it
+            pass
+        return {"pid": os.getpid(), "loads": dict(LOAD_COUNTS), "error": self.runner.load_error}
 
     def run(self, cell: Cell) -> CellResult:
         return self.runner.judge_cell(cell)
@@ -105,12 +107,22 @@ class _Slot:
     finished: set = field(default_factory=set)
 
 
-def _run_pool(make_actor: Callable[[int], Any], jobs: list[tuple[Any, Any, list[Cell]]], size: int, *, stage: str,
-              store: Store, run_id: str, progress: Progress) -> tuple[list[CellResult], dict]:
-    """Run ``jobs`` = [(key, uri, cells)] on ``size`` actors; every job's cells go to one actor
-    after one ``prepare(key, uri)``. Returns the cell results and each actor's last load counts."""
+def _run_pool(
+    make_actor: Callable[[int], Any],
+    jobs: list[tuple[Any, list[Cell]]],
+    size: int,
+    *,
+    stage: str,
+    store: Store,
+    run_id: str,
+    progress: Progress,
+) -> tuple[list[CellResult], dict]:
+    """Run ``jobs`` = [(what to prepare, cells)] on ``size`` actors; every job's cells go to one
+    actor after one ``prepare(what)``. Returns the cell results and each actor's last load counts."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
+
+    from cluster.liveness import wait_one
 
     queue = deque(jobs)
     slots = [_Slot() for _ in range(min(size, len(jobs)))]
@@ -127,9 +139,9 @@ def _run_pool(make_actor: Callable[[int], Any], jobs: list[tuple[Any, Any, list[
         if slot.actor is None:
             slot.actor = make_actor(made[0])
             made[0] += 1
-        key, uri, cells = queue.popleft()
-        slot.job = (key, uri, cells)
-        inflight[slot.actor.prepare.remote(key, uri)] = (i, None)
+        what, cells = queue.popleft()
+        slot.job = (what, cells)
+        inflight[slot.actor.prepare.remote(what)] = (i, None)
         for cell in cells:
             inflight[slot.actor.run.remote(cell)] = (i, cell)
             slot.submitted.append(cell)
@@ -153,14 +165,13 @@ def _run_pool(make_actor: Callable[[int], Any], jobs: list[tuple[Any, Any, list[
             results.append(result)
             progress.update(result)
             if rest:
-                key, uri, _cells = slot.job
-                queue.appendleft((key, uri, rest))
+                queue.appendleft((slot.job[0], rest))
         assign(i)
 
     for i in range(len(slots)):
         assign(i)
     while inflight:
-        ready, _ = ray.wait(list(inflight), num_returns=1)
+        ready = wait_one(list(inflight), what=f"{stage} phase")  # raises, not hangs, when the cluster died
         ref = ready[0]
         if ref not in inflight:  # dropped when its actor died
             continue
@@ -208,41 +219,134 @@ def _sum_loads(per_actor: dict[str, dict]) -> dict[str, int]:
     return total
 
 
+# -- the executor ----------------------------------------------------------------------------------
+class RayExecutor:
+    """Cells on Ray actors: ``workers`` eval actors over the models (one model per actor at a
+    time, loaded once), then ``eval.judge_workers`` judge actors over the cells to judge."""
+
+    def __init__(self, workers: int, config) -> None:
+        self.workers = workers
+        self.config = config
+        self.options: dict = {}
+
+    def start(self, settings: RunSettings) -> RunSettings:
+        import ray
+
+        from cluster.runtime import ensure_ray
+
+        ensure_ray(self.config)
+        gpus = _actor_gpus(self.config, settings)
+        total_gpus = float(ray.cluster_resources().get("GPU", 0.0))
+        if gpus > total_gpus:
+            raise ConfigError(
+                f"each eval actor asks for {gpus:g} GPU(s) but the cluster has {total_gpus:g}; "
+                "lower eval.gpus_per_engine in ray_config.yaml"
+            )
+        self.options = dict(num_cpus=self.config.eval.cpus_per_engine, num_gpus=gpus, max_restarts=0)
+        return RunSettings(**{**settings.__dict__, "gpus_per_engine": max(1, int(gpus))})
+
+    def generate(
+        self, run: RunContext, jobs: Sequence[ModelJob], progress: Progress
+    ) -> tuple[list[CellResult], dict[str, int]]:
+        import ray
+
+        actor_cls = ray.remote(EvalWorker)
+
+        def make(n: int):
+            return actor_cls.options(name=actor_name("eval", run.run_id, n), **self.options).remote(run)
+
+        got, counts = _run_pool(
+            make,
+            [(job, list(job.cells)) for job in jobs],
+            self.workers,
+            stage=GENERATE,
+            store=Store(run.out_uri),
+            run_id=run.run_id,
+            progress=progress,
+        )
+        return got, _sum_loads(counts)
+
+    def judge(
+        self, run: RunContext, judge: str, cells: Sequence[Cell], progress: Progress
+    ) -> tuple[list[CellResult], dict[str, int]]:
+        import ray
+
+        judge_cls = ray.remote(JudgeWorker)
+        size = max(1, min(self.config.eval.judge_workers, len(cells)))
+        got, counts = _run_pool(
+            lambda n: judge_cls.options(name=actor_name("judge", run.run_id, n), **self.options).remote(judge, run),
+            [(None, [c]) for c in cells],
+            size,
+            stage=JUDGE,
+            store=Store(run.out_uri),
+            run_id=run.run_id,
+            progress=progress,
+        )
+        return got, _sum_loads(counts)
+
+
 # -- the entry point ------------------------------------------------------------------------------
-def run_eval(models: Mapping[str, str], *, benchmarks=None, languages=None, engine: str | None = None,
-             judge: str | None = None, workers: int | None = None, out_uri: str, run_id: str | None = None,
-             config=None, device: str | None = None, batch_size: int | None = None,
-             max_new_tokens: int | None = None, limit: int | None = None, dtype: str = "auto",
-             judge_max_new_tokens: int = 512, show_progress: bool = True) -> EvalOutcome:
+def run_eval(
+    models: Mapping[str, str],
+    *,
+    benchmarks=None,
+    languages=None,
+    engine: str | None = None,
+    judge: str | None = None,
+    workers: int | None = None,
+    out_uri: str,
+    run_id: str | None = None,
+    config=None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    limit: int | None = None,
+    dtype: str = "auto",
+    judge_max_new_tokens: int | None = None,
+    show_progress: bool = True,
+) -> EvalOutcome:
     """Evaluate ``models`` ({name: uri}) on benchmarks x languages into ``out_uri``.
 
     ``engine``, ``workers``, ``device`` and ``batch_size`` default to the config's ``eval``
     section (``config``: a ChatvecConfig; None loads ray_config.yaml or the defaults). ``workers``
     0 runs in this process without Ray; N >= 1 runs N eval actors on Ray. ``max_new_tokens`` caps
     every benchmark's generation length and the judge's (``judge_max_new_tokens``), ``limit`` the
-    items per cell (quick runs). Finished cells already in ``out_uri`` are kept; the returned
-    outcome lists every cell's result.
+    items per cell (quick runs). Finished cells already in ``out_uri`` are kept unless their inputs
+    changed; the returned outcome lists every cell's result and the cells redone, with why.
     """
     from cluster.config import load_config
 
     config = config if config is not None else load_config(None)
-    ev = config.eval
-    workers = ev.workers if workers is None else workers
-    device = device or ev.device
-    engine = engine or ev.engine
+    eval_config = config.eval
+    workers = eval_config.workers if workers is None else workers
+    device = device or eval_config.device
+    engine = engine or eval_config.engine
     settings = RunSettings(
-        engine=engine, device=device, dtype=dtype, batch_size=batch_size or ev.batch_size,
-        gpus_per_engine=1 if ev.gpus_per_engine == "auto" else max(1, int(ev.gpus_per_engine)),
-        max_new_tokens=max_new_tokens, limit=limit, judge_max_new_tokens=judge_max_new_tokens,
+        engine=engine,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size or eval_config.batch_size,
+        gpus_per_engine=1 if eval_config.gpus_per_engine == "auto" else max(1, int(eval_config.gpus_per_engine)),
+        max_new_tokens=max_new_tokens,
+        limit=limit,
+        judge_max_new_tokens=judge_max_new_tokens or eval_config.judge_max_new_tokens,
+        engine_options=eval_config.engine_options(engine),
     )
     if workers < 0:
         raise ConfigError("--workers must be 0 (in this process) or a positive number of actors")
-    if workers == 0:
-        return run_in_process(models, benchmarks=benchmarks, languages=languages, judge=judge, out_uri=out_uri,
-                              run_id=run_id, settings=settings, show_progress=show_progress)
-    return _run_on_ray(models, benchmarks=benchmarks, languages=languages, judge=judge, workers=workers,
-                       out_uri=out_uri, run_id=run_id, config=config, settings=settings,
-                       show_progress=show_progress)
+    # the one place where 0 workers means "in this process, without Ray"
+    executor = None if workers == 0 else RayExecutor(workers, config)
+    return run_pipeline(
+        models,
+        benchmarks=benchmarks,
+        languages=languages,
+        judge=judge,
+        out_uri=out_uri,
+        run_id=run_id,
+        settings=settings,
+        executor=executor,
+        show_progress=show_progress,
+    )
 
 
 def _actor_gpus(config, settings: RunSettings) -> float:
@@ -254,62 +358,3 @@ def _actor_gpus(config, settings: RunSettings) -> float:
     if settings.device == "cuda" and gpus == 0:
         raise ConfigError("--device cuda but the Ray cluster has no GPUs; use --device cpu or auto")
     return gpus
-
-
-def _run_on_ray(models, *, benchmarks, languages, judge, workers, out_uri, run_id, config, settings,
-                show_progress) -> EvalOutcome:
-    import ray
-
-    from cluster.runtime import ensure_ray
-
-    models, judge, out_uri = absolute_run_args(models, judge, out_uri)
-    run_id, cells = prepare_run(models, benchmarks=benchmarks, languages=languages, out_uri=out_uri, run_id=run_id)
-    store = Store(out_uri)
-    ensure_ray(config)
-    gpus = _actor_gpus(config, settings)
-    total_gpus = float(ray.cluster_resources().get("GPU", 0.0))
-    if gpus > total_gpus:
-        raise ConfigError(f"each eval actor asks for {gpus:g} GPU(s) but the cluster has {total_gpus:g}; "
-                          "lower eval.gpus_per_engine in ray_config.yaml")
-    settings = RunSettings(**{**settings.__dict__, "gpus_per_engine": max(1, int(gpus))})
-    options = dict(num_cpus=config.eval.cpus_per_engine, num_gpus=gpus, max_restarts=0)
-
-    todo = cells_to_generate(out_uri, cells)
-    todo_set = set(todo)
-    results = [CellResult.of(c, SKIPPED, GENERATE) for c in cells if c not in todo_set]
-    jobs = [(m, uri, [c for c in todo if c.model == m]) for m, uri in models.items()]
-    jobs = [j for j in jobs if j[2]]
-    langs = languages_in_play(cells)
-    loads: dict[str, int] = {}
-    if jobs:
-        actor_cls = ray.remote(EvalWorker)
-        progress = Progress(len(todo), "eval", show_progress)
-
-        def make(n: int):
-            return actor_cls.options(name=actor_name("eval", run_id, n), **options).remote(
-                out_uri, run_id, settings, langs, judge is not None)
-
-        got, counts = _run_pool(make, jobs, workers, stage=GENERATE, store=store, run_id=run_id, progress=progress)
-        progress.close()
-        results += got
-        loads = _sum_loads(counts)
-    if judge is not None:
-        pending = cells_to_judge(out_uri, cells)
-        if pending:
-            judge_cls = ray.remote(JudgeWorker)
-            progress = Progress(len(pending), "judge", show_progress)
-            size = max(1, min(config.eval.judge_workers, len(pending)))
-            got, counts = _run_pool(
-                lambda n: judge_cls.options(name=actor_name("judge", run_id, n), **options).remote(
-                    judge, out_uri, run_id, settings),
-                [(None, None, [c]) for c in pending], size, stage=JUDGE, store=store, run_id=run_id,
-                progress=progress,
-            )
-            progress.close()
-            results += got
-            for uri, n in _sum_loads(counts).items():
-                loads[uri] = loads.get(uri, 0) + n
-    summary = summarize(out_uri, run_id)
-    write_summary(out_uri, summary)
-    return EvalOutcome(run_id=run_id, out_uri=out_uri, summary=summary, results=results, loads=loads,
-                       cells=len(cells))

@@ -1,4 +1,5 @@
 """Starting or joining Ray, the one place that decides how this process talks to a cluster."""
+
 from __future__ import annotations
 
 import logging
@@ -40,7 +41,9 @@ def ensure_ray(config: ChatvecConfig) -> None:
         if settings.num_gpus is not None:
             kwargs["num_gpus"] = settings.num_gpus
         where = "a new local Ray instance"
-        init_address = None
+        # "local" always starts one; None would join a `ray start` cluster running on this
+        # machine (and refuse num_cpus/num_gpus there)
+        init_address = "local"
     else:
         init_address = address
         where = f"the Ray cluster at {address}"

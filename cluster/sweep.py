@@ -20,18 +20,20 @@ and the inputs' identities, so a merge already committed there is reused, and a 
 gives a new folder instead of a refusal. Results go to ``<root>/results/run=<run_id>/`` and the
 report to ``<root>/reports/<run_id>/index.html``. Running a plan is cluster/sweep_run.py.
 """
+
 from __future__ import annotations
 
 import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from merge import layout
 from merge.errors import ConfigError
-from merge.storage import join
+from merge.methods import METHOD_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,8 @@ class VectorDef(_Strict):
 
 
 class MethodDef(_Strict):
-    method: Literal["add", "ties", "dare"] = "add"
+    # the names come from the method table (merge/methods.py)
+    method: Literal[METHOD_NAMES] = "add"  # type: ignore[valid-type]
     # ties keeps the top `density` of |tau| per tensor; dare keeps each entry with probability `density`
     density: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = 0
@@ -76,9 +79,9 @@ class TargetDef(_Strict):
     language: str
     cp: str
     benchmarks: list[str] = Field(min_length=1)
-    name: Optional[str] = None  # default: the language; set it when two targets share a language
-    vectors: Optional[list[str]] = None  # default: every vector
-    ratios: Optional[list[float]] = None  # default: the sweep's ratios
+    name: str | None = None  # default: the language; set it when two targets share a language
+    vectors: list[str] | None = None  # default: every vector
+    ratios: list[float] | None = None  # default: the sweep's ratios
     baselines: dict[str, str] = Field(default_factory=dict)  # name -> URI, evaluated here only
 
     @property
@@ -93,8 +96,8 @@ class Baselines(_Strict):
 
 
 class Workers(_Strict):
-    merge: Optional[int] = Field(default=None, ge=0)  # 0: merge in this process without Ray
-    eval: Optional[int] = Field(default=None, ge=0)
+    merge: int | None = Field(default=None, ge=0)  # 0: merge in this process without Ray
+    eval: int | None = Field(default=None, ge=0)
 
 
 class NightlySettings(_Strict):
@@ -105,13 +108,13 @@ class NightlySettings(_Strict):
 
 
 class EvalOptions(_Strict):
-    limit: Optional[int] = Field(default=None, ge=1)  # at most this many items per benchmark and language
-    max_new_tokens: Optional[int] = Field(default=None, ge=1)  # caps every benchmark's own setting
-    batch_size: Optional[int] = Field(default=None, ge=1)  # default: eval.batch_size of ray_config.yaml
+    limit: int | None = Field(default=None, ge=1)  # at most this many items per benchmark and language
+    max_new_tokens: int | None = Field(default=None, ge=1)  # caps every benchmark's own setting
+    batch_size: int | None = Field(default=None, ge=1)  # default: eval.batch_size of ray_config.yaml
 
 
 class Sweep(_Strict):
-    name: Optional[str] = None  # default: the file's stem
+    name: str | None = None  # default: the file's stem
     vectors: dict[str, VectorDef] = Field(min_length=1)
     targets: list[TargetDef] = Field(min_length=1)
     ratios: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
@@ -119,13 +122,17 @@ class Sweep(_Strict):
     # "all" adds the vector to every embedding row (the vocabularies must then match)
     embeddings: list[EmbeddingChoice] = Field(default_factory=lambda: ["all"], min_length=1)
     chat_tokens_from_chat: bool = False
-    dtype: Optional[Literal["bfloat16", "float16", "float32"]] = None
-    shard_size: Optional[str] = None  # default: merge.shard_size of ray_config.yaml
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    shard_size: str | None = None  # default: merge.shard_size of ray_config.yaml
     baselines: Baselines = Field(default_factory=Baselines)
-    judge: Optional[str] = None
-    engine: Optional[Literal["hf", "vllm"]] = None  # default: eval.engine of ray_config.yaml
+    judge: str | None = None
+    judge_max_tokens: int | None = Field(default=None, ge=1)  # default: eval.judge_max_new_tokens
+    engine: Literal["hf", "vllm"] | None = None  # default: eval.engine of ray_config.yaml
+    # swap each merge point into an engine loaded from its CP model instead of writing checkpoints
+    # (cluster/in_engine.py); points whose vocabulary grows are still merged to checkpoints
+    in_engine: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    root: Optional[str] = None  # default: storage.root of ray_config.yaml
+    root: str | None = None  # default: storage.root of ray_config.yaml
     workers: Workers = Field(default_factory=Workers)
     eval: EvalOptions = Field(default_factory=EvalOptions)
     nightly: NightlySettings = Field(default_factory=NightlySettings)
@@ -159,7 +166,7 @@ class Sweep(_Strict):
 
     @field_validator("name")
     @classmethod
-    def _sweep_name(cls, v: Optional[str]) -> Optional[str]:
+    def _sweep_name(cls, v: str | None) -> str | None:
         return v if v is None else _check_name(v)
 
     @field_validator("vectors")
@@ -170,7 +177,7 @@ class Sweep(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Sweep":
+    def _cross_checks(self) -> Sweep:
         problems = []
         keys = [t.key for t in self.targets]
         for dup in sorted({k for k in keys if keys.count(k) > 1}):
@@ -181,7 +188,9 @@ class Sweep(_Strict):
         for t in self.targets:
             for v in t.vectors or []:
                 if v not in self.vectors:
-                    problems.append(f"target {t.key!r} names vector {v!r}, which `vectors` does not define (defined: {', '.join(self.vectors)})")
+                    problems.append(
+                        f"target {t.key!r} names vector {v!r}, which `vectors` does not define (defined: {', '.join(self.vectors)})"
+                    )
             if t.ratios is not None and (not t.ratios or any(r <= 0 for r in t.ratios)):
                 problems.append(f"target {t.key!r}: ratios must be a non-empty list of numbers > 0")
         extra = list(self.baselines.extra) + [n for t in self.targets for n in t.baselines]
@@ -223,8 +232,15 @@ class PlannedMerge:
 
     def info(self) -> dict[str, Any]:
         return {
-            "name": self.name, "role": "merged", "uri": self.out_uri, "target": self.target, "language": self.language,
-            "vector": self.vector, "ratio": self.ratio, "method": self.method, "embeddings": self.embeddings,
+            "name": self.name,
+            "role": "merged",
+            "uri": self.out_uri,
+            "target": self.target,
+            "language": self.language,
+            "vector": self.vector,
+            "ratio": self.ratio,
+            "method": self.method,
+            "embeddings": self.embeddings,
             "reused": self.cached,
         }
 
@@ -249,7 +265,7 @@ class SweepPlan:
         return [m.info() for m in self.merges] + self.baselines
 
 
-def model_name(vector: str, target: str, method: "MethodDef", ratio: float, embeddings: str, sweep: Sweep) -> str:
+def model_name(vector: str, target: str, method: MethodDef, ratio: float, embeddings: str, sweep: Sweep) -> str:
     parts = [vector, target, method.label(), f"r{ratio:g}"]
     if len(sweep.embeddings) > 1 or embeddings != "all":
         parts.append(f"emb-{embeddings}")
@@ -266,7 +282,6 @@ EMBEDDINGS_HINT = (
 def check_benchmarks(sweep: Sweep) -> list[str]:
     """Problems with the targets' benchmarks: unknown names, or no data in the target's language."""
     from eval.benchmarks import resolve_benchmarks
-
     from merge.errors import ChatvecError
 
     problems = []
@@ -305,38 +320,55 @@ def plan_sweep(sweep: Sweep, *, root: str, shard_size: int, progress=None) -> Sw
                     for ratio in t.ratios or sweep.ratios:
                         recipe = Recipe(
                             cp=t.cp,
-                            vectors=[VectorSpec(base=vec.base, chat=vec.chat, ratio=ratio, method=method.method, density=method.density, seed=method.seed)],
+                            vectors=[
+                                VectorSpec(
+                                    base=vec.base,
+                                    chat=vec.chat,
+                                    ratio=ratio,
+                                    method=method.method,
+                                    density=method.density,
+                                    seed=method.seed,
+                                )
+                            ],
                             embeddings=None if emb == "all" else emb,
                             chat_tokens_from_chat=sweep.chat_tokens_from_chat,
                             dtype=sweep.dtype,
                         )
-                        merges.append(PlannedMerge(
-                            name=model_name(vname, t.key, method, ratio, emb, sweep), target=t.key, language=t.language,
-                            vector=vname, ratio=ratio, method=method.label(), embeddings=emb, recipe=recipe,
-                        ))
+                        merges.append(
+                            PlannedMerge(
+                                name=model_name(vname, t.key, method, ratio, emb, sweep),
+                                target=t.key,
+                                language=t.language,
+                                vector=vname,
+                                ratio=ratio,
+                                method=method.label(),
+                                embeddings=emb,
+                                recipe=recipe,
+                            )
+                        )
     problems = check_benchmarks(sweep)
     hints: list[str] = []
     first: dict[str, PlannedMerge] = {}  # plan fingerprint -> the first merge planned with it
-    for pm in merges:
+    for point in merges:
         if progress:
-            progress(f"planning {pm.name}")
+            progress(f"planning {point.name}")
         try:
-            pm.plan = build_plan(pm.recipe, shard_size=shard_size)
+            point.plan = build_plan(point.recipe, shard_size=shard_size)
         except PlanError as exc:
-            problems += [f"{pm.name}: {p}" for p in exc.problems]
+            problems += [f"{point.name}: {p}" for p in exc.problems]
             if any("policy" in p for p in exc.problems) and EMBEDDINGS_HINT not in hints:
                 hints.append(EMBEDDINGS_HINT)
             continue
         except ChatvecError as exc:
-            problems.append(f"{pm.name}: {exc}")
+            problems.append(f"{point.name}: {exc}")
             continue
-        fingerprint = pm.plan.fingerprint()
-        twin = first.setdefault(fingerprint, pm)
-        if twin is not pm:
-            pm.same_as, pm.out_uri, pm.cached = twin.name, twin.out_uri, twin.cached
+        fingerprint = point.plan.fingerprint()
+        twin = first.setdefault(fingerprint, point)
+        if twin is not point:
+            point.same_as, point.out_uri, point.cached = twin.name, twin.out_uri, twin.cached
             continue
-        pm.out_uri = join(root, "models", f"{pm.name}-{fingerprint[:12]}")
-        pm.cached = check_output(pm.plan, pm.out_uri, overwrite=False) is not None
+        point.out_uri = layout.model_uri(root, f"{point.name}-{fingerprint[:12]}")
+        point.cached = check_output(point.plan, point.out_uri, overwrite=False) is not None
     if problems:
         hints.append("Fix the sweep file or the models it names, then run it again; nothing was written.")
         raise PlanError(problems, hint="\n".join(hints))
@@ -354,9 +386,9 @@ def plan_sweep(sweep: Sweep, *, root: str, shard_size: int, progress=None) -> Sw
 
     for t in sweep.targets:
         mine = {t.language: t.benchmarks}
-        for pm in merges:
-            if pm.target == t.key:
-                add(pm.name, pm.out_uri, mine)
+        for point in merges:
+            if point.target == t.key:
+                add(point.name, point.out_uri, mine)
         if sweep.baselines.cp:
             name = f"cp.{t.key}"
             baselines.append({"name": name, "role": "cp", "uri": t.cp, "target": t.key, "language": t.language})
@@ -399,4 +431,3 @@ def _groups(runs: dict[str, dict[str, list[str]]], uris: dict[str, str]) -> list
             key = (languages, benchmarks)
             groups.setdefault(key, EvalGroup(list(languages), list(benchmarks))).models[name] = uris[name]
     return list(groups.values())
-

@@ -6,12 +6,13 @@ initialisations. The numbers these models produce mean nothing; they exist so th
 path (sharded safetensors, tied embeddings, extended vocabularies, chat templates) is exercised
 with real files.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 # A plain-text chat template (no special tokens needed), rendered the same by every engine.
 CHAT_TEMPLATE = (
@@ -143,7 +144,9 @@ def build_model_dir(
                 emb[old:] = torch.randn(emb.shape[0] - old, emb.shape[1], generator=gen) * 0.02
                 head = model.get_output_embeddings()
                 if head is not None and head.weight.data_ptr() != emb.data_ptr():
-                    head.weight[old:] = torch.randn(head.weight.shape[0] - old, head.weight.shape[1], generator=gen) * 0.02
+                    head.weight[old:] = (
+                        torch.randn(head.weight.shape[0] - old, head.weight.shape[1], generator=gen) * 0.02
+                    )
         if noise:
             with torch.no_grad():
                 for p in model.parameters():
@@ -157,7 +160,7 @@ def build_model_dir(
         with torch.no_grad():
             # default inits leave norms at exactly 1 and biases at 0; randomise them so a test
             # would notice a merge that skips those tensors
-            for name, p in model.named_parameters():
+            for p in model.parameters():
                 if p.dim() == 1:
                     p.add_(torch.randn(p.shape, generator=gen) * 0.1)
     tok.chat_template = chat_template
@@ -190,13 +193,31 @@ def build_triple(
 ) -> Triple:
     """base (random), chat = base + noise (+ chat-only tokens), cp = base + other noise (+ new words)."""
     root = Path(out_dir)
-    base = build_model_dir(root / "base", arch, seed=seed, dtype=dtype, shard_size=shard_size, hidden=hidden, layers=layers)
+    base = build_model_dir(
+        root / "base", arch, seed=seed, dtype=dtype, shard_size=shard_size, hidden=hidden, layers=layers
+    )
     chat_tokens = [f"<|chat_{i}|>" for i in range(chat_extra_tokens)]
     cp_tokens = [f"語彙{i}" for i in range(cp_extra_tokens)]
     # The chat model's template differs slightly, so tests can tell where a merged model's came from.
     chat = build_model_dir(
-        root / "chat", arch, seed=seed + 1, dtype=dtype, shard_size=shard_size, init_from=base,
-        noise=0.02, extra_tokens=chat_tokens, chat_template=CHAT_TEMPLATE_CHAT,
+        root / "chat",
+        arch,
+        seed=seed + 1,
+        dtype=dtype,
+        shard_size=shard_size,
+        init_from=base,
+        noise=0.02,
+        extra_tokens=chat_tokens,
+        chat_template=CHAT_TEMPLATE_CHAT,
     )
-    cp = build_model_dir(root / "cp", arch, seed=seed + 2, dtype=dtype, shard_size=shard_size, init_from=base, noise=0.02, extra_tokens=cp_tokens)
+    cp = build_model_dir(
+        root / "cp",
+        arch,
+        seed=seed + 2,
+        dtype=dtype,
+        shard_size=shard_size,
+        init_from=base,
+        noise=0.02,
+        extra_tokens=cp_tokens,
+    )
     return Triple(base=base, chat=chat, cp=cp)

@@ -20,17 +20,21 @@ Three ways to name benchmarks (``--benchmark`` and ``run_eval(benchmarks=...)`` 
           system_prompt: null
           fields: {question: instruction}   # the kind's field name -> the name in your data
           limit: 80                         # at most this many items per language
+          scripts: {}                       # language -> script, for languages no detector knows,
+                                            # e.g. {toy-l1: Latin, toy-l2: Cyrillic}
 
 The item fields each kind needs are in ``eval/kinds/<kind>.py`` and in ``chatvec benchmarks
 --fields``.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import re
+from collections.abc import Iterable, Sequence
 from importlib import resources
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -75,6 +79,8 @@ class BenchmarkSpec(BaseModel):
     fields: dict[str, str] = Field(default_factory=dict, description="kind's field -> field in the data")
     limit: int | None = Field(default=None, ge=1)
     options: dict[str, Any] = Field(default_factory=dict, description="kind-specific settings")
+    # languages the language detector does not know, told apart by the script of their letters
+    scripts: dict[str, str] = Field(default_factory=dict, description="language code -> Unicode script name")
 
     @field_validator("name")
     @classmethod
@@ -111,7 +117,7 @@ def data_dir() -> str:
 def source_path(source: str) -> str:
     """Where a data source is read from: shipped samples inside this installation."""
     if source.startswith(SHIPPED_PREFIX):
-        return os.path.join(data_dir(), *source[len(SHIPPED_PREFIX):].split("/"))
+        return os.path.join(data_dir(), *source[len(SHIPPED_PREFIX) :].split("/"))
     return source
 
 
@@ -149,9 +155,8 @@ def parse_benchmark(arg: str | BenchmarkSpec) -> list[BenchmarkSpec]:
         return [_absolute(arg, None)]
     arg = arg.strip()
     if arg.endswith((".yaml", ".yml")) and "=" not in arg:
-        from merge.yamlconfig import load_model
-
         from merge.storage import is_local, local_path
+        from merge.yamlconfig import load_model
 
         base = os.path.dirname(os.path.abspath(local_path(arg))) if is_local(arg) else None
         specs = load_model(arg, BenchmarkFile).benchmarks
@@ -160,8 +165,9 @@ def parse_benchmark(arg: str | BenchmarkSpec) -> list[BenchmarkSpec]:
         name, rest = arg.split("=", 1)
         parts = rest.rsplit(":", 2)
         if len(parts) != 3 or not all(parts):
-            raise InputError(f"--benchmark {arg!r}: write NAME=SOURCE:KIND:LANGUAGE, "
-                             "e.g. vicuna=data/vicuna_ko.jsonl:chat:ko")
+            raise InputError(
+                f"--benchmark {arg!r}: write NAME=SOURCE:KIND:LANGUAGE, e.g. vicuna=data/vicuna_ko.jsonl:chat:ko"
+            )
         source, kind, language = parts
         check_name(name, "benchmark name")
         check_name(language, "language code")
@@ -172,8 +178,10 @@ def parse_benchmark(arg: str | BenchmarkSpec) -> list[BenchmarkSpec]:
     shipped = {s.name: s for s in shipped_benchmarks()}
     if arg in shipped:
         return [shipped[arg]]
-    raise InputError(f"unknown benchmark {arg!r}; shipped ones are {', '.join(shipped)} "
-                     "(or give NAME=SOURCE:KIND:LANGUAGE, or a YAML file of benchmarks)")
+    raise InputError(
+        f"unknown benchmark {arg!r}; shipped ones are {', '.join(shipped)} "
+        "(or give NAME=SOURCE:KIND:LANGUAGE, or a YAML file of benchmarks)"
+    )
 
 
 def _absolute(spec: BenchmarkSpec, base: str | None) -> BenchmarkSpec:
@@ -197,8 +205,10 @@ def resolve_benchmarks(benchmarks: Iterable[str | BenchmarkSpec] | None) -> list
                 continue
             have = merged[spec.name]
             if have.kind != spec.kind:
-                raise InputError(f"benchmark {spec.name!r} is named twice with different kinds "
-                                 f"({have.kind}, {spec.kind}); give them different names")
+                raise InputError(
+                    f"benchmark {spec.name!r} is named twice with different kinds "
+                    f"({have.kind}, {spec.kind}); give them different names"
+                )
             clash = set(have.data) & set(spec.data)
             if clash and any(have.data[k] != spec.data[k] for k in clash):
                 raise InputError(f"benchmark {spec.name!r} names two sources for {sorted(clash)}")
@@ -208,7 +218,9 @@ def resolve_benchmarks(benchmarks: Iterable[str | BenchmarkSpec] | None) -> list
     return list(merged.values())
 
 
-def filter_languages(specs: Sequence[BenchmarkSpec], languages: Iterable[str] | None) -> list[tuple[BenchmarkSpec, str]]:
+def filter_languages(
+    specs: Sequence[BenchmarkSpec], languages: Iterable[str] | None
+) -> list[tuple[BenchmarkSpec, str]]:
     """(spec, language) pairs to run; every requested language must be in some benchmark."""
     wanted = None if languages is None else list(dict.fromkeys(languages))
     pairs = []
@@ -220,6 +232,8 @@ def filter_languages(specs: Sequence[BenchmarkSpec], languages: Iterable[str] | 
         have = {lang for spec in specs for lang in spec.languages}
         missing = [lang for lang in wanted if lang not in have]
         if missing:
-            raise InputError(f"no benchmark has language(s) {', '.join(missing)}; the benchmarks named have "
-                             f"{', '.join(sorted(have)) or 'none'}")
+            raise InputError(
+                f"no benchmark has language(s) {', '.join(missing)}; the benchmarks named have "
+                f"{', '.join(sorted(have)) or 'none'}"
+            )
     return pairs

@@ -12,24 +12,28 @@ where lower is better (perplexity, unsafe rate, toxicity) are recognised by name
 
 No Ray here: this module reads files.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 
+from eval.results import RUN_FILE as EVAL_RUN_FILE
+from eval.results import SUMMARY_FILE, as_store, read_table
+from eval.results import write_summary as write_run_summary
 from merge.errors import ChatvecError, InputError
-from merge.storage import Store, join
+from merge.layout import RESULTS, RUN_PREFIX, results_uri, run_results_uri
+from merge.storage import Store
 
 logger = logging.getLogger(__name__)
 
-RESULTS = "results"
-SUMMARY_FILE = "summary.parquet"
 RUN_FILE = "sweep.json"  # beside the eval run's own run.json
 KEY = ("model", "language", "benchmark", "metric")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -55,27 +59,34 @@ def check_run_id(run_id: str) -> str:
     return run_id
 
 
-def run_uri(root: str, run_id: str) -> str:
+def run_uri(root: Store | str, run_id: str) -> str:
     """Where a run's results live: ``<root>/results/run=<run_id>``."""
-    return join(root, RESULTS, f"run={check_run_id(run_id)}")
+    return run_results_uri(as_store(root).uri, check_run_id(run_id))
+
+
+def _run_rel(run_id: str, name: str = "") -> str:
+    """A path under the root to a run's folder or one of its files."""
+    rel = f"{RESULTS}/{RUN_PREFIX}{check_run_id(run_id)}"
+    return f"{rel}/{name}" if name else rel
 
 
 # -- sweep.json ----------------------------------------------------------------------------------
-def write_run_info(root: str, run_id: str, info: dict[str, Any]) -> None:
-    Store(run_uri(root, run_id)).write_text(RUN_FILE, json.dumps(info, indent=2, sort_keys=True, default=str))
+def write_run_info(root: Store | str, run_id: str, info: dict[str, Any]) -> None:
+    as_store(root).write_text(_run_rel(run_id, RUN_FILE), json.dumps(info, indent=2, sort_keys=True, default=str))
 
 
-def read_run_info(root: str, run_id: str) -> dict[str, Any]:
+def read_run_info(root: Store | str, run_id: str) -> dict[str, Any]:
     """What the sweep recorded about the run; for a run made by plain `chatvec eval`, what the
     eval run recorded (its start time)."""
-    store = Store(run_uri(root, run_id))
-    for name in (RUN_FILE, "run.json"):
-        if not store.is_file(name):
+    store = as_store(root)
+    for name in (RUN_FILE, EVAL_RUN_FILE):
+        rel = _run_rel(run_id, name)
+        if not store.is_file(rel):
             continue
         try:
-            info = json.loads(store.read_text(name))
+            info = json.loads(store.read_text(rel))
         except json.JSONDecodeError as exc:
-            logger.warning("%s is not valid JSON (%s); ignoring it", store.describe(name), exc)
+            logger.warning("%s is not valid JSON (%s); ignoring it", store.describe(rel), exc)
             continue
         if name != RUN_FILE:
             info = {"started_at": info.get("created_at"), "kind": "eval"}
@@ -97,39 +108,28 @@ class RunInfo:
     failed_cells: list[str] = field(default_factory=list)
     has_summary: bool = False
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+def _run_ids(store: Store) -> list[str]:
+    """The runs under the root: every ``results/run=<id>/`` folder that holds a file."""
+    ids = set()
+    for rel in store.list(RESULTS):
+        folder = rel.split("/")[1] if rel.count("/") >= 2 else ""
+        if folder.startswith(RUN_PREFIX):
+            ids.add(folder[len(RUN_PREFIX) :])
+    return sorted(ids)
 
 
-def _run_ids(root: str) -> list[str]:
-    from pyarrow import fs as pafs
-
-    from merge.storage import resolve
-
-    fs, base = resolve(join(root, RESULTS))
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True))
-    except (FileNotFoundError, OSError):
-        return []
-    ids = []
-    for info in infos:
-        name = info.base_name
-        if info.type == pafs.FileType.Directory and name.startswith("run="):
-            ids.append(name[len("run="):])
-    return ids
-
-
-def list_runs(root: str) -> list[RunInfo]:
+def list_runs(root: Store | str) -> list[RunInfo]:
     """Every run under ``root``, oldest first (by start time, then run id)."""
+    store = as_store(root)
     runs = []
-    for run_id in _run_ids(root):
-        info = read_run_info(root, run_id)
-        store = Store(run_uri(root, run_id))
-        has_summary = store.is_file(SUMMARY_FILE)
+    for run_id in _run_ids(store):
+        info = read_run_info(store, run_id)
+        has_summary = store.is_file(_run_rel(run_id, SUMMARY_FILE))
         rows = 0
         if has_summary:
             try:
-                rows = _read_parquet(store, SUMMARY_FILE).num_rows
+                rows = _read_parquet(store, _run_rel(run_id, SUMMARY_FILE)).num_rows
             except InputError as exc:
                 logger.warning("%s", exc)
                 has_summary = False
@@ -151,7 +151,7 @@ def list_runs(root: str) -> list[RunInfo]:
     return runs
 
 
-def previous_run(root: str, run_id: str, sweep: str | None = None) -> str | None:
+def previous_run(root: Store | str, run_id: str, sweep: str | None = None) -> str | None:
     """The latest run with a summary that started before ``run_id`` (of the same sweep when given)."""
     runs = [r for r in list_runs(root) if r.has_summary]
     current = next((r for r in runs if r.run_id == run_id), None)
@@ -172,69 +172,49 @@ def previous_run(root: str, run_id: str, sweep: str | None = None) -> str | None
 
 # -- summaries -----------------------------------------------------------------------------------
 def _read_parquet(store: Store, rel: str) -> pa.Table:
-    import io
-
-    import pyarrow.parquet as pq
-
     try:
-        return pq.read_table(io.BytesIO(store.read_bytes(rel)))
-    except InputError:
+        return read_table(store, rel)
+    except ChatvecError:
         raise
     except Exception as exc:  # a truncated or foreign file
         raise InputError(f"{store.describe(rel)} is not a readable Parquet file: {exc}") from exc
 
 
-def load_summary(root: str, run_id: str) -> pa.Table:
-    store = Store(run_uri(root, run_id))
-    if not store.is_file(SUMMARY_FILE):
-        known = ", ".join(r.run_id for r in list_runs(root)) or "none"
+def load_summary(root: Store | str, run_id: str) -> pa.Table:
+    store = as_store(root)
+    rel = _run_rel(run_id, SUMMARY_FILE)
+    if not store.is_file(rel):
+        known = ", ".join(r.run_id for r in list_runs(store)) or "none"
         raise RunNotFoundError(
-            f"no summary for run {run_id!r} under {join(root, RESULTS)} (runs there: {known}); "
+            f"no summary for run {run_id!r} under {results_uri(store.uri)} (runs there: {known}); "
             "list runs with `chatvec results --root URI`"
         )
-    return _read_parquet(store, SUMMARY_FILE)
+    return _read_parquet(store, rel)
 
 
-def write_summary(root: str, run_id: str, table: pa.Table) -> str:
-    import io
-
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    store = Store(run_uri(root, run_id))
-    store.write_bytes(SUMMARY_FILE, buf.getvalue())
-    return store.describe(SUMMARY_FILE)
+def write_summary(root: Store | str, run_id: str, table: pa.Table) -> str:
+    """A run's summary into its folder under the root (eval.results.write_summary does the writing)."""
+    return write_run_summary(as_store(root), table, folder=_run_rel(run_id))
 
 
-def load_summaries(root: str, run_ids: Iterable[str] | None = None) -> pa.Table:
-    """The summaries of several runs (all when ``run_ids`` is None) as one table, with ``run``.
-
-    Read as one pyarrow dataset partitioned by ``run=<id>`` folders.
-    """
-    import pyarrow.dataset as ds
-
-    from merge.storage import resolve
-
+def load_summaries(root: Store | str, run_ids: Iterable[str] | None = None) -> pa.Table:
+    """The summaries of several runs (all when ``run_ids`` is None) as one table, with ``run``:
+    the runs dataset, read run folder by run folder (``results/run=<id>/summary.parquet``)."""
+    store = as_store(root)
     wanted = set(run_ids) if run_ids is not None else None
-    fs, base = resolve(join(root, RESULTS))
-    files = []
-    for rid in _run_ids(root):
+    tables = []
+    for rid in _run_ids(store):
         if wanted is not None and rid not in wanted:
             continue
-        path = f"{base}/run={rid}/{SUMMARY_FILE}"
-        if Store(run_uri(root, rid)).is_file(SUMMARY_FILE):
-            files.append(path)
-    if not files:
+        rel = _run_rel(rid, SUMMARY_FILE)
+        if store.is_file(rel):
+            table = _read_parquet(store, rel).replace_schema_metadata(None)
+            tables.append(table.append_column("run", pa.array([rid] * table.num_rows, pa.string())))
+    if not tables:
         from eval.schema import SUMMARY_SCHEMA
 
         return SUMMARY_SCHEMA.empty_table().append_column("run", pa.array([], pa.string()))
-    dataset = ds.dataset(
-        files, filesystem=fs, format="parquet",
-        partitioning=ds.partitioning(pa.schema([("run", pa.string())]), flavor="hive"),
-        partition_base_dir=base,
-    )
-    return dataset.to_table()
+    return pa.concat_tables(tables, promote_options="default")
 
 
 # -- comparing -----------------------------------------------------------------------------------
@@ -256,9 +236,6 @@ class Change:
     regression: bool
     improvement: bool
     status: str  # "both", "new" (only in b), "gone" (only in a)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _rows(table: pa.Table) -> dict[tuple, dict]:
@@ -283,31 +260,40 @@ def compare(a: pa.Table, b: pa.Table, *, k: float = 2.0, min_delta: float = 0.0)
     """
     if k < 0 or min_delta < 0:
         raise ChatvecError(f"regression threshold must be >= 0 (got k={k}, min_delta={min_delta})")
-    ra, rb = _rows(a), _rows(b)
+    rows_a, rows_b = _rows(a), _rows(b)
     changes = []
-    for key in sorted(set(ra) | set(rb), key=lambda t: tuple(str(x) for x in t)):
-        x, y = ra.get(key), rb.get(key)
+    for key in sorted(set(rows_a) | set(rows_b), key=lambda t: tuple(str(x) for x in t)):
+        row_a, row_b = rows_a.get(key), rows_b.get(key)
         low = lower_is_better(key[3])
-        va, vb = _num(x and x["value"]), _num(y and y["value"])
-        sa, sb = _num(x and x.get("stderr")), _num(y and y.get("stderr"))
-        status = "both" if x and y else ("new" if y else "gone")
+        value_a, value_b = _num(row_a and row_a["value"]), _num(row_b and row_b["value"])
+        se_a, se_b = _num(row_a and row_a.get("stderr")), _num(row_b and row_b.get("stderr"))
+        status = "both" if row_a and row_b else ("new" if row_b else "gone")
         delta = threshold = None
         regression = improvement = False
-        if va is not None and vb is not None:
-            delta = vb - va
-            threshold = max(k * math.sqrt((sa or 0.0) ** 2 + (sb or 0.0) ** 2), min_delta)
+        if value_a is not None and value_b is not None:
+            delta = value_b - value_a
+            threshold = max(k * math.sqrt((se_a or 0.0) ** 2 + (se_b or 0.0) ** 2), min_delta)
             worse = delta if low else -delta
             regression = worse > threshold
             improvement = -worse > threshold
         changes.append(
             Change(
-                model=key[0], language=key[1], benchmark=key[2], metric=key[3], a=va, b=vb, se_a=sa, se_b=sb,
-                n_a=x and x.get("n"), n_b=y and y.get("n"), delta=delta, threshold=threshold,
-                lower_is_better=low, regression=regression, improvement=improvement, status=status,
+                model=key[0],
+                language=key[1],
+                benchmark=key[2],
+                metric=key[3],
+                a=value_a,
+                b=value_b,
+                se_a=se_a,
+                se_b=se_b,
+                n_a=row_a and row_a.get("n"),
+                n_b=row_b and row_b.get("n"),
+                delta=delta,
+                threshold=threshold,
+                lower_is_better=low,
+                regression=regression,
+                improvement=improvement,
+                status=status,
             )
         )
     return changes
-
-
-def regressions(changes: Iterable[Change]) -> list[Change]:
-    return [c for c in changes if c.regression]

@@ -3,17 +3,19 @@
 Every problem names the source, the line (JSONL) or row (Parquet, datasets; 1-based) and the
 field, and all problems of a file are reported together (up to 20).
 """
+
 from __future__ import annotations
 
 import io
 import json
 import logging
 import posixpath
-from typing import Iterator
+from collections.abc import Iterator
 
 from eval.benchmarks import BenchmarkSpec, source_path
+from eval.errors import BenchmarkDataError
 from eval.kinds import get_kind
-from merge.errors import BenchmarkDataError, InputError
+from merge.errors import InputError
 from merge.storage import Store, is_local, local_path
 
 logger = logging.getLogger(__name__)
@@ -38,33 +40,37 @@ def _jsonl_records(text: str, source: str) -> Iterator[tuple[int, object]]:
         try:
             yield n, json.loads(line)
         except json.JSONDecodeError as exc:
-            raise BenchmarkDataError(f"{source}, line {n}: not valid JSON ({exc.msg} at column {exc.colno}); "
-                                     "each line must hold one JSON object") from None
+            raise BenchmarkDataError(
+                f"{source}, line {n}: not valid JSON ({exc.msg} at column {exc.colno}); "
+                "each line must hold one JSON object"
+            ) from None
 
 
 def _parquet_records(data: bytes) -> Iterator[tuple[int, object]]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(io.BytesIO(data))
-    for n, rec in enumerate(table.to_pylist(), start=1):
-        yield n, rec
+    yield from enumerate(table.to_pylist(), start=1)
 
 
 def _dataset_records(source: str) -> Iterator[tuple[int, object]]:
     try:
         import datasets
     except ImportError as exc:
-        raise InputError(f"{source}: reading Hugging Face datasets needs `pip install datasets` "
-                         "(or export the dataset to JSONL/Parquet)") from exc
-    ref = source[len("dataset:"):]
+        raise InputError(
+            f"{source}: reading Hugging Face datasets needs `pip install datasets` "
+            "(or export the dataset to JSONL/Parquet)"
+        ) from exc
+    ref = source[len("dataset:") :]
     ref, _, split = ref.partition("@")
     name, _, config = ref.partition(":")
     try:
         ds = datasets.load_dataset(name, config or None, split=split or "test")
     except Exception as exc:
-        raise InputError(f"cannot load dataset {name!r} (config {config or 'default'}, split {split or 'test'}): {exc}") from exc
-    for n, rec in enumerate(ds, start=1):
-        yield n, rec
+        raise InputError(
+            f"cannot load dataset {name!r} (config {config or 'default'}, split {split or 'test'}): {exc}"
+        ) from exc
+    yield from enumerate(ds, start=1)
 
 
 def raw_records(source: str) -> tuple[str, Iterator[tuple[int, object]], str]:

@@ -5,6 +5,7 @@ the English ones with the language named in them.
 Ratings are asked for as ``[[n]]`` (0-10) and safety verdicts as ``[[SAFE]]`` / ``[[UNSAFE]]`` in
 every language, so one parser reads them all.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

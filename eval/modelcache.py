@@ -6,6 +6,7 @@ is complete when its ``.chatvec-complete`` marker exists, so an interrupted copy
 than loaded half-written; a remote model whose files changed size is copied again.
 Pickle weights (``.bin``, ``.pt``, ``.pth``) are never copied: engines load safetensors only.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,10 @@ def check_model_dir(path: str, uri: str | None = None) -> None:
     names = os.listdir(path)
     if not any(n.endswith(".safetensors") for n in names):
         if any(n.endswith(_SKIP) for n in names):
-            raise InputError(f"model {uri} has only pickle weights (.bin/.pt); chatvec loads safetensors only. "
-                             "Convert it once with transformers (save_pretrained(safe_serialization=True)).")
+            raise InputError(
+                f"model {uri} has only pickle weights (.bin/.pt); chatvec loads safetensors only. "
+                "Convert it once with transformers (save_pretrained(safe_serialization=True))."
+            )
         raise InputError(f"model {uri} has no .safetensors weights")
 
 

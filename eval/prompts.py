@@ -6,10 +6,11 @@ BOS token write it themselves. A model without a chat template (a base or CP mod
 none) gets a plain ``### User: / ### Assistant:`` format, with a warning, so it can still be
 compared on the same questions.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,11 @@ class Prompts:
                 )
             except Exception as exc:  # jinja raises for templates without a system role
                 if messages and messages[0]["role"] == "system":
-                    logger.info("chat template of %s rejects a system message (%s); folding it into the user turn",
-                                self.model_name, exc)
+                    logger.info(
+                        "chat template of %s rejects a system message (%s); folding it into the user turn",
+                        self.model_name,
+                        exc,
+                    )
                     return self.tokenizer.apply_chat_template(
                         _merge_system(messages), tokenize=False, add_generation_prompt=add_generation_prompt
                     )

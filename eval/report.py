@@ -15,17 +15,20 @@ Rows of several benchmarks that share a metric within one target are averaged (s
 independent); the full per-benchmark numbers are in the summary table at the end. The plots
 are eval/report_plots.py; intervals are explained there. No Ray here.
 """
+
 from __future__ import annotations
 
 import html
 import logging
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 
-from eval.history import Change
+from eval.history import Change, lower_is_better
+from eval.report_answers import browser_html, judge_status_html, paired_html, paired_rows
 from eval.report_plots import (
     INTERVAL_NOTE,
     applies,
@@ -63,11 +66,8 @@ class ModelInfo:
     reused: bool | None = None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelInfo":
+    def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
         return cls(**{k: d.get(k) for k in cls.__dataclass_fields__ if k in d})
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -117,7 +117,14 @@ def _layout(models: Sequence[ModelInfo], summary_rows: list[dict]) -> _Layout:
     order = {"cp": 0, "chat": 1, "extra": 2, "merged": 3}
     ranked = sorted(
         by_name.values(),
-        key=lambda m: (order.get(m.role, 2), m.vector or "", m.method or "", m.embeddings or "", m.ratio or 0.0, m.name),
+        key=lambda m: (
+            order.get(m.role, 2),
+            m.vector or "",
+            m.method or "",
+            m.embeddings or "",
+            m.ratio or 0.0,
+            m.name,
+        ),
     )
     variants = list(dict.fromkeys(label[m.name] for m in ranked))
     targets: dict[str, Target] = {}
@@ -128,9 +135,6 @@ def _layout(models: Sequence[ModelInfo], summary_rows: list[dict]) -> _Layout:
         for r in summary_rows:
             targets.setdefault(r["language"], Target(r["language"], r["language"]))
     return _Layout(list(targets.values()), variants, label, series, by_name)
-
-
-_applies = applies
 
 
 def _pool(rows: list[dict]) -> tuple[float, float, int] | None:
@@ -152,7 +156,7 @@ def _cells(rows: list[dict], lay: _Layout, metric: str) -> dict[tuple[str, str],
             continue
         m = lay.models[r["model"]]
         for t in lay.targets:
-            if t.language == r["language"] and _applies(m, t):
+            if t.language == r["language"] and applies(m, t):
                 groups.setdefault((t.name, lay.label[m.name]), []).append(r)
     return {k: p for k, v in groups.items() if (p := _pool(v)) is not None}
 
@@ -201,7 +205,7 @@ def _fidelity_html(rows: list[dict], lay: _Layout) -> str:
             continue
         m = lay.models[r["model"]]
         for t in lay.targets:
-            if t.language == r["language"] and _applies(m, t):
+            if t.language == r["language"] and applies(m, t):
                 groups.setdefault((lay.label[m.name], t.name), []).append(r)
     body = []
     for v in lay.variants:
@@ -214,13 +218,17 @@ def _fidelity_html(rows: list[dict], lay: _Layout) -> str:
                 continue
             share = sum(r["value"] * int(r.get("n") or 0) for r in g) / n
             lo, hi = interval95(metric, share, None, n)
-            line.append(f"{100 * share:.0f}% (n={n}) [{100 * lo:.0f}–{100 * hi:.0f}]")
+            unscored = sum(int(r.get("n_unscored") or 0) for r in g)
+            extra = f", {unscored} undetermined" if unscored else ""
+            line.append(f"{100 * share:.0f}% (n={n}{extra}) [{100 * lo:.0f}–{100 * hi:.0f}]")
         if any(x is not None for x in line[1:]):
             body.append(line)
     heads = ["model"] + [target_title(t) for t in lay.targets]
     return (
         f"<p>Share of generated answers written in the target language (metric <code>{metric}</code>, "
         "all generating benchmarks of the target pooled), with its 95% Wilson interval in brackets. "
+        "Only the answer's prose is read (code, links, numbers and formulas are stripped); answers with "
+        "too little prose to tell are undetermined and left out of the share. "
         "The paper's Table 7 reports this for ratios 0.5 and 1.0: too strong a vector makes the model "
         "answer in English.</p>" + _table(heads, body)
     )
@@ -265,43 +273,81 @@ def _overview_html(rows: list[dict], lay: _Layout, metrics: Sequence[str], image
         images.append(("overview.png", png))
         out.append('<img class="wide" src="overview.png" alt="headline metrics against ratio">')
     what = "; ".join(f"<code>{html.escape(m)}</code>: {html.escape(w)}" for m, w in headline)
-    out.append(f'<p class="meta">{what}. {html.escape(INTERVAL_NOTE)} Lines: merged models, one per '
-               "embedding policy / vector / method; solid grey: the CP model; dashed purple: the chat "
-               "model (shaded: their intervals).</p>")
+    out.append(
+        f'<p class="meta">{what}. {html.escape(INTERVAL_NOTE)} Lines: merged models, one per '
+        "embedding policy / vector / method; solid grey: the CP model; dashed purple: the chat "
+        "model (shaded: their intervals).</p>"
+    )
     policies = {m.embeddings or "all" for m in lay.models.values() if m.role == "merged"}
     if policies - {"all"}:
-        said = {"all": "all: the vector is added to every tensor", "skip": "skip: the embedding and "
-                "LM-head rows stay as the CP model has them (as the paper did for Breeze)",
-                "overlap": "overlap: added to the rows both vocabularies share by index",
-                "by-token": "by-token: added to the rows of the same token string"}
-        out.append('<p class="meta">Embedding policies: ' + "; ".join(
-            html.escape(said.get(p, p)) for p in sorted(policies)) + ".</p>")
+        said = {
+            "all": "all: the vector is added to every tensor",
+            "skip": "skip: the embedding and LM-head rows stay as the CP model has them (as the paper did for Breeze)",
+            "overlap": "overlap: added to the rows both vocabularies share by index",
+            "by-token": "by-token: added to the rows of the same token string",
+        }
+        out.append(
+            '<p class="meta">Embedding policies: '
+            + "; ".join(html.escape(said.get(p, p)) for p in sorted(policies))
+            + ".</p>"
+        )
     heads, body = _headline_rows(rows, lay, headline)
     out.append(_table(heads, body))
     return "\n".join(out)
 
 
-def _changes_html(changes: list[Change], previous: str | None, k: float) -> str:
+def _changes_html(
+    changes: list[Change], previous: str | None, k: float, paired: Mapping[tuple, Any] | None = None
+) -> str:
+    paired = paired or {}
     if previous is None:
         return '<p class="note">No earlier run of this sweep to compare with: this run is the baseline.</p>'
     regs = [c for c in changes if c.regression]
-    head = ["model", "language", "benchmark", "metric", previous, "this run", "change", "threshold", "better"]
+    head = ["model", "language", "benchmark", "metric", previous, "this run", "change", "threshold", "better", "rule"]
 
     def line(c: Change) -> list[Any]:
-        return [c.model, c.language, c.benchmark, c.metric, c.a, c.b, c.delta, c.threshold, "lower" if c.lower_is_better else "higher"]
+        rule = "paired" if (c.model, c.language, c.benchmark, c.metric) in paired else "k x se"
+        return [
+            c.model,
+            c.language,
+            c.benchmark,
+            c.metric,
+            c.a,
+            c.b,
+            c.delta,
+            c.threshold,
+            "lower" if c.lower_is_better else "higher",
+            rule,
+        ]
 
+    rule = (
+        f"a move in the bad direction larger than {k:g} x the combined stderr; where both runs scored "
+        "the same items (rule: paired), a paired bootstrap interval of the same coverage wholly on the "
+        "bad side of 0"
+        if paired
+        else f"a move in the bad direction larger than {k:g} x the combined stderr"
+    )
     if regs:
-        out = f'<p class="bad"><b>{len(regs)} regression(s)</b> against run {html.escape(previous)} (a move in the bad direction larger than {k:g} x the combined stderr).</p>'
+        out = (
+            f'<p class="bad"><b>{len(regs)} regression(s)</b> against run {html.escape(previous)} '
+            f"({html.escape(rule)}).</p>"
+        )
         out += _table(head, [line(c) for c in regs], ["reg"] * len(regs))
     else:
-        out = f'<p class="ok">No regression against run {html.escape(previous)} (threshold: {k:g} x the combined stderr).</p>'
+        out = f'<p class="ok">No regression against run {html.escape(previous)} ({html.escape(rule)}).</p>'
     both = [c for c in changes if c.status == "both"]
     cls = ["reg" if c.regression else "imp" if c.improvement else "" for c in both]
     out += f"<details><summary>All {len(both)} comparable rows</summary>{_table(head, [line(c) for c in both], cls)}</details>"
     other = [c for c in changes if c.status != "both"]
     if other:
         out += "<details><summary>Rows in only one of the two runs</summary>"
-        out += _table(["model", "language", "benchmark", "metric", "only in"], [[c.model, c.language, c.benchmark, c.metric, previous if c.status == "gone" else "this run"] for c in other])
+        out += _table(
+            ["model", "language", "benchmark", "metric", "only in"],
+            [
+                [c.model, c.language, c.benchmark, c.metric, previous if c.status == "gone" else "this run"]
+                for c in other
+            ],
+        )
         out += "</details>"
     return out
 
@@ -321,10 +367,22 @@ def write_report(
     failed_cells: Sequence[str] = (),
     notes: Sequence[str] = (),
     created_at: str | None = None,
+    results_uri: str | None = None,
+    samples: Sequence[dict] | None = None,
+    paired_changes: Mapping[tuple, Any] | None = None,
 ) -> str:
-    """Write ``index.html`` and its PNGs under ``out_uri`` (index last); return the index's URI."""
+    """Write ``index.html`` and its PNGs under ``out_uri`` (index last); return the index's URI.
+
+    With the run's sample rows (``samples``, or read from ``results_uri``) the report also holds
+    the paired comparisons, the judge's bookkeeping and the answer browser (answers/*.html).
+    ``paired_changes`` (``eval.paired.pair_changes(...).paired``) marks the regression rows that
+    were decided item by item."""
+    from eval.browser import load_samples, write_pages
+
     store = Store(out_uri)
     rows = summary.to_pylist()
+    if samples is None and results_uri is not None:
+        samples = load_samples(results_uri)
     lay = _layout(list(models), rows)
     metrics = sorted({r["metric"] for r in rows})
     hist_rows = history.to_pylist() if history is not None else []
@@ -338,10 +396,31 @@ def write_report(
         parts.append(f'<p class="bad"><b>{len(failed_cells)} cell(s) failed</b>; their rows are missing below:</p>')
         parts.append("<ul>" + "".join(f"<li><code>{html.escape(c)}</code></li>" for c in failed_cells) + "</ul>")
     if changes is not None:
-        parts.append("<h2>Regressions</h2>" + _changes_html(changes, previous_run, k))
+        parts.append("<h2>Regressions</h2>" + _changes_html(changes, previous_run, k, paired_changes))
     images: list[tuple[str, bytes]] = []
     parts.append(_overview_html(rows, lay, metrics, images))
     parts.append("<h2>Language fidelity</h2>" + _fidelity_html(rows, lay))
+    pages = []
+    if samples:
+        parts.append("<h2>Paired comparisons</h2>" + paired_html(paired_rows(samples, lay), lower_is_better))
+        judged = judge_status_html(samples, lay)
+        if judged:
+            parts.append("<h2>Judging</h2>" + judged)
+        # CP first, chat last, the merged models between them, as a reader compares them
+        rank = {"cp": 0, "merged": 1, "extra": 2, "chat": 3}
+        order = sorted(
+            (m for v in lay.variants for m in lay.models if lay.label[m] == v),
+            key=lambda m: rank.get(lay.models[m].role, 2),
+        )
+        pages = write_pages(
+            store,
+            samples,
+            labels=lay.label,
+            roles={m.name: m.role for m in lay.models.values()},
+            order=order,
+            title=title or "",
+        )
+        parts.append("<h2>Answers</h2>" + browser_html(pages))
     parts.append("<h2>Metrics</h2>")
     if not metrics:
         parts.append("<p>No results.</p>")
@@ -351,12 +430,16 @@ def write_report(
         cells = _cells(rows, lay, metric)
         if not cells:
             unscored = sum(int(r.get("n_unscored") or 0) for r in rows if r["metric"] == metric)
-            parts.append(f"<h3>{html.escape(metric)}</h3><p class='note'>No item has a score for this metric "
-                         f"({unscored} unscored): without a judge, or when every judgment was unparseable, "
-                         "judged metrics stay empty rather than guessed. The samples files hold the judge's raw output.</p>")
+            parts.append(
+                f"<h3>{html.escape(metric)}</h3><p class='note'>No item has a score for this metric "
+                f"({unscored} unscored): without a judge, or when every judgment was unparseable, "
+                "judged metrics stay empty rather than guessed. The samples files hold the judge's raw output.</p>"
+            )
             continue
         benchmarks = sorted({r["benchmark"] for r in rows if r["metric"] == metric})
-        parts.append(f"<h3>{html.escape(metric)}</h3><p class='meta'>benchmarks: {html.escape(', '.join(benchmarks))}</p>")
+        parts.append(
+            f"<h3>{html.escape(metric)}</h3><p class='meta'>benchmarks: {html.escape(', '.join(benchmarks))}</p>"
+        )
         stem = f"{i:02d}-{_slug(metric)}"
         images.append((f"heatmap-{stem}.png", plot_heatmap(metric, cells, lay)))
         parts.append(f'<img class="heat" src="heatmap-{stem}.png" alt="{html.escape(metric)} heatmap">')
@@ -370,13 +453,20 @@ def write_report(
             parts.append(f'<p class="meta">trend over runs {html.escape(", ".join(history_runs))}:</p>')
             parts.append(f'<img class="wide" src="trend-{stem}.png" alt="{html.escape(metric)} trend">')
     parts.append("<h2>Models</h2>")
-    parts.append(_table(
-        ["label", "name", "role", "target", "ratio", "vector", "method", "embeddings", "uri"],
-        [[lay.label[m.name], m.name, m.role, m.target or "all", m.ratio, m.vector, m.method, m.embeddings, m.uri] for m in lay.models.values()],
-    ))
-    cols = ["model", "language", "benchmark", "metric", "value", "stderr", "n"]
+    parts.append(
+        _table(
+            ["label", "name", "role", "target", "ratio", "vector", "method", "embeddings", "uri"],
+            [
+                [lay.label[m.name], m.name, m.role, m.target or "all", m.ratio, m.vector, m.method, m.embeddings, m.uri]
+                for m in lay.models.values()
+            ],
+        )
+    )
+    cols = ["model", "language", "benchmark", "metric", "value", "stderr", "n", "n_unscored"]
     parts.append(f"<details><summary>Summary table ({len(rows)} rows)</summary>")
-    parts.append(_table(cols, [[r.get(c) for c in cols] for r in sorted(rows, key=lambda r: tuple(str(r[c]) for c in cols[:4]))]))
+    parts.append(
+        _table(cols, [[r.get(c) for c in cols] for r in sorted(rows, key=lambda r: tuple(str(r[c]) for c in cols[:4]))])
+    )
     parts.append("</details>")
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title or 'chatvec')} {html.escape(run_id)}</title>"

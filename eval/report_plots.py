@@ -6,20 +6,33 @@ stderr, n)}``, so the plots only draw. Intervals: for rates (a share of items sc
 which stays inside [0, 1] and is not empty at 0 or 1 (a stderr is 0 there); for any other metric
 (a judge's 0-10 score, a perplexity) mean +- 1.96 stderr. No Ray here.
 """
+
 from __future__ import annotations
 
 import io
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from eval.history import lower_is_better
 
 Z95 = 1.959963984540054
 # metrics whose every item scores 0 or 1: their mean is a rate
-RATE_METRICS = frozenset({
-    "exact_match", "either_script", "closed", "in_language", "language_fidelity", "fidelity",
-    "unsafe", "refusal", "acc", "acc_norm", "accuracy",
-})
+RATE_METRICS = frozenset(
+    {
+        "exact_match",
+        "either_script",
+        "closed",
+        "in_language",
+        "language_fidelity",
+        "fidelity",
+        "unsafe",
+        "refusal",
+        "acc",
+        "acc_norm",
+        "accuracy",
+    }
+)
 INTERVAL_NOTE = (
     "Error bars and bracketed ranges are 95% intervals: Wilson score intervals from n for rates "
     "(metrics where each item scores 0 or 1), mean \u00b1 1.96 stderr for other metrics."
@@ -123,8 +136,14 @@ def _finish(fig, axes, n: int) -> None:
             for h, lab in zip(*ax.get_legend_handles_labels()):
                 handles.setdefault(lab, h)
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 5),
-                   fontsize=10, frameon=False)
+        fig.legend(
+            list(handles.values()),
+            list(handles),
+            loc="outside lower center",
+            ncols=min(len(handles), 5),
+            fontsize=10,
+            frameon=False,
+        )
 
 
 # -- plots ---------------------------------------------------------------------------------------
@@ -184,9 +203,15 @@ def _draw_ratio(ax, metric: str, cells: dict, lay, t, names: list[str], ratios: 
         pts.sort()
         dx = (k - (len(series) - 1) / 2) * shift
         ax.errorbar(
-            [p[0] + dx for p in pts], [p[1] for p in pts],
+            [p[0] + dx for p in pts],
+            [p[1] for p in pts],
             yerr=[[max(0.0, p[1] - p[2]) for p in pts], [max(0.0, p[3] - p[1]) for p in pts]],
-            marker="o", ms=5, capsize=3, lw=1.8, label=name, color=color(names.index(name)),
+            marker="o",
+            ms=5,
+            capsize=3,
+            lw=1.8,
+            label=name,
+            color=color(names.index(name)),
         )
     lo_x, hi_x = (ratios[0] - 0.6 * step, ratios[-1] + 0.6 * step) if ratios else (0, 1)
     for variant, style in (("CP", dict(color="0.3", ls="-")), ("chat", dict(color="tab:purple", ls="--"))):

@@ -6,9 +6,12 @@
     <out>/summary.parquet                                       written at the end of every run
 
 A cell's samples file is written whole (it appears only once complete) and rewritten whole when
-the judge fills in its scores, so rows are never duplicated. A cell needs generating again only
-when its samples file is missing; it needs judging while any of its rows waits for a judge.
+the judge fills in its scores, so rows are never duplicated. The file's Parquet metadata holds
+the schema version and the cell's identity (``eval.identity``): what it was computed from. A
+cell is generated again when its file is missing or its inputs changed; it is judged while any
+of its rows waits for a judge, or when another judge judged it.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,7 +24,9 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from eval.schema import NEEDS_JUDGE, SAMPLES_SCHEMA, SCHEMA_VERSION, summary_table
+from eval.errors import NewerSchemaError
+from eval.identity import METADATA_KEY, CellIdentity
+from eval.schema import SAMPLES_SCHEMA, SCHEMA_VERSION, VERSION_KEY, summary_table
 from merge.errors import InputError
 from merge.storage import Store
 
@@ -63,32 +68,66 @@ def now() -> datetime:
 
 def table_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, write_page_checksum=True)  # checked on reruns (eval.checked_read)
     return sink.getvalue().to_pybytes()
 
 
+def as_store(where: Store | str) -> Store:
+    """The edge where a URI becomes a Store; a Store passes through."""
+    return where if isinstance(where, Store) else Store(where)
+
+
+def check_schema_version(metadata: dict | None, where: str) -> None:
+    """Refuse files written by a newer chatvec: their columns may mean something else."""
+    raw = (metadata or {}).get(VERSION_KEY)
+    if raw is None:
+        return
+    try:
+        version = int(raw)
+    except ValueError:
+        raise InputError(f"{where}: unreadable schema version {raw!r}") from None
+    if version > SCHEMA_VERSION:
+        raise NewerSchemaError(
+            f"{where} was written by a newer chatvec (results schema {version}; this one reads "
+            f"up to {SCHEMA_VERSION}): upgrade chatvec to read it, or write to another --out"
+        )
+
+
 def read_table(store: Store, rel: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(store.read_bytes(rel)))
+    table = pq.read_table(io.BytesIO(store.read_bytes(rel)))
+    check_schema_version(table.schema.metadata, store.describe(rel))
+    return table
 
 
 # -- the run's identity ---------------------------------------------------------------------------
 def claim_run(store: Store, run_id: str | None) -> str:
     """The run id for this output: the one already recorded there, or ``run_id`` (or a new one)."""
     if store.is_file(RUN_FILE):
-        recorded = json.loads(store.read_text(RUN_FILE))["run_id"]
+        info = json.loads(store.read_text(RUN_FILE))
+        check_schema_version(
+            {VERSION_KEY: str(info["schema_version"]).encode()} if "schema_version" in info else None,
+            store.describe(RUN_FILE),
+        )
+        recorded = info["run_id"]
         if run_id is not None and run_id != recorded:
-            raise InputError(f"{store.describe()} holds run {recorded!r}; pass --run-id {recorded} to finish it "
-                             f"or choose another --out for run {run_id!r}")
+            raise InputError(
+                f"{store.describe()} holds run {recorded!r}; pass --run-id {recorded} to finish it "
+                f"or choose another --out for run {run_id!r}"
+            )
         return recorded
     run_id = run_id or now().strftime("%Y%m%dT%H%M%SZ")
-    store.write_text(RUN_FILE, json.dumps({"run_id": run_id, "created_at": now().isoformat(),
-                                           "schema_version": SCHEMA_VERSION}))
+    store.write_text(
+        RUN_FILE, json.dumps({"run_id": run_id, "created_at": now().isoformat(), "schema_version": SCHEMA_VERSION})
+    )
     return run_id
 
 
 # -- cells ----------------------------------------------------------------------------------------
-def write_samples(store: Store, cell: Cell, table: pa.Table) -> None:
-    store.write_bytes(cell.samples_rel, table_bytes(table.cast(SAMPLES_SCHEMA)))
+def write_samples(store: Store, cell: Cell, table: pa.Table, identity: CellIdentity | None = None) -> None:
+    table = table.cast(SAMPLES_SCHEMA)
+    if identity is not None:
+        table = table.replace_schema_metadata({**SAMPLES_SCHEMA.metadata, METADATA_KEY: identity.to_json().encode()})
+    store.write_bytes(cell.samples_rel, table_bytes(table))
 
 
 def read_samples(store: Store, cell: Cell) -> pa.Table | None:
@@ -97,24 +136,65 @@ def read_samples(store: Store, cell: Cell) -> pa.Table | None:
     return read_table(store, cell.samples_rel)
 
 
-def has_samples(store: Store, cell: Cell) -> bool:
-    return store.is_file(cell.samples_rel)
+def identity_of(table: pa.Table) -> CellIdentity | None:
+    """The identity recorded in a samples table's metadata (None: none recorded)."""
+    return _identity_from(table.schema.metadata)
 
 
-def needs_judge(table: pa.Table) -> bool:
-    return any(s in NEEDS_JUDGE for s in table.column("judge_status").to_pylist())
+def _identity_from(metadata: dict | None) -> CellIdentity | None:
+    raw = (metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        return CellIdentity.from_json(raw)
+    except (ValueError, TypeError):
+        return None
+
+
+def footer_metadata(store: Store, rel: str) -> dict | None:
+    """A Parquet file's key-value metadata, read from its footer only (two ranged reads on an
+    object store, not the whole file)."""
+    if store.local:
+        return pq.read_schema(store.path(rel)).metadata
+    with store.open_reader(rel) as reader:
+        end = reader.read_at(reader.size - 8, 8) if reader.size >= 12 else b""
+        if end[4:] != b"PAR1":
+            raise InputError(f"{store.describe(rel)} is not a Parquet file (no footer)")
+        length = int.from_bytes(end[:4], "little")
+        tail = reader.read_at(reader.size - 8 - length, length + 8)
+    # the schema lives in the footer; a leading magic is all the reader needs besides it
+    return pq.read_schema(io.BytesIO(b"PAR1" + tail)).metadata
+
+
+def read_cell_identity(store: Store, cell: Cell) -> CellIdentity | None | bool:
+    """The identity recorded in a cell's samples file: False when there is no file, None when the
+    file records none (written by an older chatvec)."""
+    from eval.checked_read import verify_cell
+
+    if not verify_cell(store, cell):  # missing, or broken and removed with a warning: computed again
+        return False
+    meta = footer_metadata(store, cell.samples_rel)
+    check_schema_version(meta, store.describe(cell.samples_rel))
+    return _identity_from(meta)
 
 
 def write_status(store: Store, cell: Cell, state: str, **info) -> dict:
-    record = {"cell": cell.key, "model": cell.model, "language": cell.language, "benchmark": cell.benchmark,
-              "state": state, "at": now().isoformat(), **info}
+    record = {
+        "cell": cell.key,
+        "model": cell.model,
+        "language": cell.language,
+        "benchmark": cell.benchmark,
+        "state": state,
+        "at": now().isoformat(),
+        **info,
+    }
     store.write_text(cell.status_rel, json.dumps(record, ensure_ascii=False, indent=1))
     return record
 
 
 # -- summary --------------------------------------------------------------------------------------
-def summarize(out_uri: str, run_id: str | None = None) -> pa.Table:
-    """One row per model x language x benchmark x metric over every samples file under ``out_uri``.
+def summarize(out: Store | str, run_id: str | None = None) -> pa.Table:
+    """One row per model x language x benchmark x metric over every samples file under ``out``.
 
     ``value``/``stderr``/``n`` come from the kind's ``aggregate`` (a mean and its standard error
     for most metrics); ``n_unscored`` counts rows whose score is null (not judged, unreadable
@@ -122,7 +202,7 @@ def summarize(out_uri: str, run_id: str | None = None) -> pa.Table:
     """
     from eval.kinds import get_kind
 
-    store = Store(out_uri)
+    store = as_store(out)
     files = [f for f in store.list("samples") if f.endswith(".parquet")]
     groups: dict[tuple, list[dict]] = {}
     for rel in files:
@@ -146,15 +226,32 @@ def summarize(out_uri: str, run_id: str | None = None) -> pa.Table:
 
                 kinds[kind_name] = Kind()
         value, stderr, n = kinds[kind_name].aggregate(metric, members)
-        rows.append(dict(run_id=run, model=model, language=language, benchmark=benchmark, kind=kind_name,
-                         metric=metric, value=value, stderr=stderr, n=n,
-                         n_unscored=sum(1 for r in members if r["score"] is None),
-                         schema_version=SCHEMA_VERSION, created_at=created))
+        rows.append(
+            dict(
+                run_id=run,
+                model=model,
+                language=language,
+                benchmark=benchmark,
+                kind=kind_name,
+                metric=metric,
+                value=value,
+                stderr=stderr,
+                n=n,
+                n_unscored=sum(1 for r in members if r["score"] is None),
+                schema_version=SCHEMA_VERSION,
+                created_at=created,
+            )
+        )
     return summary_table(rows)
 
 
-def write_summary(out_uri: str, table: pa.Table) -> None:
-    Store(out_uri).write_bytes(SUMMARY_FILE, table_bytes(table))
+def write_summary(out: Store | str, table: pa.Table, folder: str = "") -> str:
+    """Write a run's summary table (the one place summaries are written) into ``folder`` of
+    ``out`` (the run's own output, or a run's folder under a store root); returns where."""
+    store = as_store(out)
+    rel = f"{folder.rstrip('/')}/{SUMMARY_FILE}" if folder else SUMMARY_FILE
+    store.write_bytes(rel, table_bytes(table))
+    return store.describe(rel)
 
 
 def elapsed(start: float) -> float:

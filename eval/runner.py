@@ -1,206 +1,117 @@
-"""Running an evaluation, in plain Python: used as is in-process and wrapped by the Ray actors.
+"""What a cell does, wherever it runs: the evaluator (one model's cells) and the judge runner
+(the judge phase of whole cells), plus the in-process executor that runs them in this process.
 
-The unit of work is a *cell*, (model, language, benchmark). A run is
-
-1. ``prepare_run``: names checked, benchmark data read and checked (bad data fails here, before
-   any model loads), the run id claimed, the cells planned;
-2. generation: per model, a ``ModelEvaluator`` loads the model's engine ONCE and runs every cell
-   of that model; each cell's samples file is written as soon as the cell is done;
-3. the judge phase: a ``JudgeRunner`` loads the judge ONCE and fills in the judged metrics of
-   every cell that waits for it, rewriting those cells' files;
-4. ``summarize``: the summary table, written to ``summary.parquet``.
-
-A cell whose samples file exists is not generated again; a failure (an exception in a cell, a
-model that does not load) is written to the cell's status record and the other cells go on.
+The Ray actors in ``cluster/eval_driver.py`` hold the same two classes; the sequence of phases
+is ``eval.pipeline.run_pipeline``. A failure inside a cell (an exception, a model that does not
+load) is written to the cell's status record and returned as a failed result; it never stops
+the other cells.
 """
+
 from __future__ import annotations
 
 import logging
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-import pyarrow as pa
-
-from eval.benchmarks import BenchmarkSpec, check_name, filter_languages, resolve_benchmarks
-from eval.results import (  # noqa: F401  (summarize is part of this module's API)
-    Cell,
-    claim_run,
-    elapsed,
-    has_samples,
-    needs_judge,
-    now,
-    read_samples,
-    summarize,
-    write_samples,
-    write_status,
-    write_summary,
+from eval.benchmarks import BenchmarkSpec
+from eval.engines.base import Engine
+from eval.identity import CellIdentity, cell_identity, model_identity
+from eval.pipeline import (  # noqa: F401  (the names tests and callers know this module by)
+    DONE,
+    FAILED,
+    GENERATE,
+    JUDGE,
+    SKIPPED,
+    CellResult,
+    EvalOutcome,
+    ModelJob,
+    Progress,
+    RunContext,
+    RunSettings,
+    plan_cells,
+    prepare_run,
+    run_pipeline,
 )
-from eval.schema import JUDGE_ERROR, NEEDS_JUDGE, samples_table
-from merge.errors import InputError
+from eval.results import Cell, elapsed, identity_of, now, read_samples, write_samples, write_status
+from eval.schema import JUDGE_ERROR, NEEDS_JUDGE, NOT_JUDGED, samples_table
+from merge.errors import DiskFullError
 from merge.storage import Store
 
 logger = logging.getLogger(__name__)
 
-DONE, FAILED, SKIPPED = "done", "failed", "skipped"
-GENERATE, JUDGE = "generate", "judge"
 
-
-@dataclass(frozen=True)
-class RunSettings:
-    """Run-wide settings that travel with the work to wherever it runs."""
-
-    engine: str = "hf"
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 16
-    gpus_per_engine: int = 1  # vLLM tensor_parallel_size
-    max_new_tokens: int | None = None  # caps every benchmark's own setting, and the judge's (quick runs)
-    judge_max_new_tokens: int = 512
-    limit: int | None = None  # at most this many items per cell
-    cache_dir: str | None = None  # local copies of remote models
-    progress: bool = False  # per-batch progress bars inside a cell
-
-
-@dataclass
-class CellResult:
-    model: str
-    language: str
-    benchmark: str
-    state: str  # done, failed, skipped
-    stage: str  # generate or judge
-    error: str | None = None
-    rows: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    seconds: float = 0.0
-
-    @property
-    def key(self) -> str:
-        return f"{self.model}/{self.language}/{self.benchmark}"
-
-    @classmethod
-    def of(cls, cell: Cell, state: str, stage: str, **kw) -> "CellResult":
-        return cls(cell.model, cell.language, cell.benchmark, state, stage, **kw)
-
-
-@dataclass
-class EvalOutcome:
-    run_id: str
-    out_uri: str
-    summary: pa.Table
-    results: list[CellResult] = field(default_factory=list)
-    loads: dict[str, int] = field(default_factory=dict)  # model URI -> engine loads this run
-    cells: int = 0
-
-    @property
-    def failed(self) -> list[CellResult]:
-        return [r for r in self.results if r.state == FAILED]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    @property
-    def counts(self) -> dict[str, int]:
-        gen = [r for r in self.results if r.stage == GENERATE]
-        return {
-            "cells": self.cells,
-            "generated": sum(r.state == DONE for r in gen),
-            "skipped": sum(r.state == SKIPPED for r in gen),
-            "judged": sum(r.state == DONE for r in self.results if r.stage == JUDGE),
-            "failed": len(self.failed),
-            "prompt_tokens": sum(r.prompt_tokens for r in self.results),
-            "completion_tokens": sum(r.completion_tokens for r in self.results),
-        }
-
-
-# -- planning -------------------------------------------------------------------------------------
-def plan_cells(models: Mapping[str, str], benchmarks: Iterable[str | BenchmarkSpec] | None = None,
-               languages: Iterable[str] | None = None) -> list[Cell]:
-    """Every (model, language, benchmark) cell, model by model. ``benchmarks`` None = all shipped
-    samples; ``languages`` None = every language each benchmark has."""
-    if not models:
-        raise InputError("name at least one model: --model NAME=URI")
-    for name in models:
-        check_name(name, "model name")
-    pairs = filter_languages(resolve_benchmarks(benchmarks), languages)
-    return [Cell(model, lang, spec.name, spec) for model in models for spec, lang in pairs]
-
-
-def check_benchmark_data(cells: Sequence[Cell]) -> None:
-    """Read every (benchmark, language) once so bad data fails before any model loads."""
-    from eval.items import load_items
-
-    seen = set()
-    for cell in cells:
-        if (cell.benchmark, cell.language) not in seen:
-            seen.add((cell.benchmark, cell.language))
-            load_items(cell.spec, cell.language)
-
-
-def prepare_run(models: Mapping[str, str], *, benchmarks=None, languages=None, out_uri: str,
-                run_id: str | None = None, check_data: bool = True) -> tuple[str, list[Cell]]:
-    cells = plan_cells(models, benchmarks, languages)
-    if check_data:
-        check_benchmark_data(cells)
-    return claim_run(Store(out_uri), run_id), cells
-
-
-def cells_to_generate(out_uri: str, cells: Sequence[Cell]) -> list[Cell]:
-    store = Store(out_uri)
-    return [c for c in cells if not has_samples(store, c)]
-
-
-def cells_to_judge(out_uri: str, cells: Sequence[Cell]) -> list[Cell]:
-    store = Store(out_uri)
-    todo = []
-    for c in cells:
-        table = read_samples(store, c)
-        if table is not None and needs_judge(table):
-            todo.append(c)
-    return todo
-
-
-def absolute_uri(uri: str) -> str:
-    """A local path made absolute (actors run elsewhere); URIs and Hugging Face ids unchanged."""
-    import os
-
-    from merge.storage import is_local, local_path
-
-    if not is_local(uri):
-        return uri
-    path = local_path(uri)
-    if os.path.isabs(path) or (not os.path.exists(path) and path.count("/") == 1 and not path.startswith(".")):
-        return path  # absolute already, or an org/name repo id
-    return os.path.abspath(path)
-
-
-def absolute_run_args(models: Mapping[str, str], judge: str | None, out_uri: str):
-    return ({k: absolute_uri(v) for k, v in models.items()}, absolute_uri(judge) if judge else None,
-            absolute_uri(out_uri))
-
-
-def languages_in_play(cells: Sequence[Cell]) -> tuple[str, ...]:
-    return tuple(sorted({c.language for c in cells}))
-
-
-def _error_text(exc: BaseException) -> str:
+def error_text(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}"
     return text if len(text) < 2000 else text[:2000] + " ..."
 
 
-class _EngineHolder:
-    """One engine (for ``uri``, with ``settings``), loaded once and used for a series of cells."""
+def _context_from(out_uri, run_id, settings, languages, judge) -> RunContext:
+    """The run's context from separate arguments, for callers that build an evaluator by hand."""
+    return RunContext(
+        out_uri=out_uri,
+        run_id=run_id,
+        settings=settings or RunSettings(),
+        languages=tuple(sorted(set(languages or ()))),
+        judged=bool(judge),
+    )
 
-    uri: str
-    settings: RunSettings
-    engine = None
-    load_error: str | None = None
+
+# -- generation -----------------------------------------------------------------------------------
+class ModelEvaluator:
+    """One model's engine and that model's cells: load once (or borrow a loaded engine), run many.
+
+    ``engine``: an engine that is already loaded (weights swapped in place for an in-engine sweep):
+    it is used as is and left open by ``close``. ``engine_factory``: how to load one (default:
+    ``settings.engine`` on ``uri``). ``identity``: the model's identity recorded with each cell
+    (default: computed from the files at ``uri``).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        uri: str,
+        *,
+        run: RunContext | None = None,
+        out_uri: str | None = None,
+        run_id: str | None = None,
+        settings: RunSettings | None = None,
+        languages: Sequence[str] = (),
+        judge: bool = False,
+        store: Store | None = None,
+        identity: str | None = None,
+        engine: Engine | None = None,
+        engine_factory: Callable[[], Engine] | None = None,
+    ) -> None:
+        self.run = run or _context_from(out_uri, run_id, settings, languages, judge)
+        self.model, self.uri = model, uri
+        self.settings = self.run.settings
+        self.store = store or Store(self.run.out_uri)
+        self.identity = identity
+        self.engine = engine
+        self._owns_engine = engine is None
+        self._factory = engine_factory or self._load_engine
+        self.load_error: str | None = None
+        self._scorers: dict[tuple, object] = {}
+
+    # -- the engine -------------------------------------------------------------------------------
+    def _load_engine(self) -> Engine:
+        from eval.engines import load_engine
+
+        s = self.settings
+        return load_engine(
+            s.engine,
+            self.uri,
+            device=s.device,
+            dtype=s.dtype,
+            batch_size=s.batch_size,
+            gpus=s.gpus_per_engine,
+            cache_dir=s.cache_dir,
+            options=s.engine_options,
+        )
 
     def load(self) -> None:
-        self._load_engine()
+        self.engine = self._factory()
 
     def ensure_loaded(self) -> None:
         """Load once; a model that failed to load is not tried again for every cell."""
@@ -211,75 +122,79 @@ class _EngineHolder:
         try:
             self.load()
         except Exception as exc:
-            self.load_error = _error_text(exc)
+            self.load_error = error_text(exc)
             raise
 
-    def _load_engine(self) -> None:
-        from eval.engines import load_engine
+    def close(self) -> None:
+        if self.engine is not None and self._owns_engine:
+            self.engine.close()
+        self.engine = None
 
-        s = self.settings
-        self.engine = load_engine(s.engine, self.uri, device=s.device, dtype=s.dtype, batch_size=s.batch_size,
-                                  gpus=s.gpus_per_engine, cache_dir=s.cache_dir)
-
-    def _one(self, cell: Cell) -> CellResult:
-        raise NotImplementedError
-
+    # -- cells ------------------------------------------------------------------------------------
     def run_all(self, cells: Sequence[Cell], on_result=None) -> list[CellResult]:
         out = []
         for cell in cells:
-            result = self._one(cell)
+            result = self.run_cell(cell)
             out.append(result)
             if on_result:
                 on_result(result)
         return out
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
-
-
-# -- generation -----------------------------------------------------------------------------------
-class ModelEvaluator(_EngineHolder):
-    """Holds one model's engine and runs that model's cells. Load once, run many, close."""
-
-    def __init__(self, model: str, uri: str, *, out_uri: str, run_id: str, settings: RunSettings,
-                 languages: Sequence[str], judge: bool) -> None:
-        self.model, self.uri = model, uri
-        self.store = Store(out_uri)
-        self.run_id = run_id
-        self.settings = settings
-        self.judge = judge
-        self.engine = None
-        self.load_error = None
-        from eval.fidelity import FidelityScorer
-
-        self.fidelity = FidelityScorer(languages)
 
     def run_cell(self, cell: Cell) -> CellResult:
         """Run one cell and write its samples; any failure is recorded, not raised."""
         start = time.perf_counter()
         try:
             self.ensure_loaded()
-            rows = self._rows(cell)
-            write_samples(self.store, cell, samples_table(rows))
+            rows, identity = self._rows_and_identity(cell)
+            write_samples(self.store, cell, samples_table(rows), identity)
+        except DiskFullError:  # no other cell could be written either: stop with the one clear error
+            raise
         except Exception as exc:  # a cell's failure must not stop the others
-            error = _error_text(exc)
+            error = error_text(exc)
             logger.error("cell %s failed: %s", cell.key, error)
             logger.debug("%s", traceback.format_exc())
-            write_status(self.store, cell, FAILED, stage=GENERATE, error=error, run_id=self.run_id)
+            write_status(self.store, cell, FAILED, stage=GENERATE, error=error, run_id=self.run.run_id)
             return CellResult.of(cell, FAILED, GENERATE, error=error, seconds=elapsed(start))
+        per_item = one_row_per_item(rows)
         result = CellResult.of(
-            cell, DONE, GENERATE, rows=len(rows), seconds=elapsed(start),
-            prompt_tokens=sum(r.get("prompt_tokens") or 0 for r in _first_per_item(rows)),
-            completion_tokens=sum(r.get("completion_tokens") or 0 for r in _first_per_item(rows)),
+            cell,
+            DONE,
+            GENERATE,
+            rows=len(rows),
+            seconds=elapsed(start),
+            prompt_tokens=sum(r.get("prompt_tokens") or 0 for r in per_item),
+            completion_tokens=sum(r.get("completion_tokens") or 0 for r in per_item),
         )
-        write_status(self.store, cell, DONE, stage=GENERATE, run_id=self.run_id, rows=result.rows,
-                     prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                     seconds=result.seconds, engine=self.settings.engine, model_uri=self.uri)
+        write_status(
+            self.store,
+            cell,
+            DONE,
+            stage=GENERATE,
+            run_id=self.run.run_id,
+            rows=result.rows,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            seconds=result.seconds,
+            engine=self.settings.engine,
+            model_uri=self.uri,
+        )
         return result
 
+    def fidelity(self, spec: BenchmarkSpec):
+        """The language scorer for a benchmark: the run's languages, plus a script detector for
+        the languages the benchmark says are told apart by script (``scripts``)."""
+        from eval.fidelity import FidelityScorer, ScriptDetector
+
+        key = tuple(sorted(spec.scripts.items()))
+        if key not in self._scorers:
+            detector = ScriptDetector(dict(spec.scripts)) if spec.scripts else None
+            self._scorers[key] = FidelityScorer(self.run.languages, detectors={lang: detector for lang in spec.scripts})
+        return self._scorers[key]
+
     def _rows(self, cell: Cell) -> list[dict]:
+        return self._rows_and_identity(cell)[0]
+
+    def _rows_and_identity(self, cell: Cell) -> tuple[list[dict], CellIdentity]:
         from eval.items import load_items
         from eval.kinds import get_kind
         from eval.kinds.base import CellContext
@@ -290,25 +205,38 @@ class ModelEvaluator(_EngineHolder):
         items = load_items(spec, cell.language)
         if self.settings.limit:
             items = items[: self.settings.limit]
+        if self.identity is None:
+            self.identity = model_identity(self.uri)
+        identity = cell_identity(
+            model=self.identity, spec=spec, language=cell.language, items=items, settings=self.settings
+        )
         ctx = CellContext(
             engine=self.engine,
             prompts=Prompts(self.engine.tokenizer, model_name=self.model, use_template=spec.chat_template),
-            fidelity=self.fidelity, spec=spec, language=cell.language, judge=self.judge,
-            max_new_tokens=self.settings.max_new_tokens, progress=self.settings.progress,
+            fidelity=self.fidelity(spec),
+            spec=spec,
+            language=cell.language,
+            judge=self.run.judged,
+            max_new_tokens=self.settings.max_new_tokens,
+            progress=self.settings.progress,
         )
         rows = kind.run(items, ctx)
         created = now()
         for r in rows:
-            r.update(run_id=self.run_id, model=cell.model, language=cell.language, benchmark=cell.benchmark,
-                     kind=spec.kind, engine=self.settings.engine, created_at=created)
-        return rows
+            r.update(
+                run_id=self.run.run_id,
+                model=cell.model,
+                language=cell.language,
+                benchmark=cell.benchmark,
+                kind=spec.kind,
+                engine=self.settings.engine,
+                created_at=created,
+            )
+        return rows, identity
 
-    def _one(self, cell: Cell) -> CellResult:
-        return self.run_cell(cell)
 
-
-def _first_per_item(rows: list[dict]) -> list[dict]:
-    """One row per item: token counts repeat on every metric row of an item."""
+def one_row_per_item(rows: list[dict]) -> list[dict]:
+    """The first row of each item: token counts repeat on every metric row of an item."""
     seen, out = set(), []
     for r in rows:
         if r["item_id"] not in seen:
@@ -318,23 +246,65 @@ def _first_per_item(rows: list[dict]) -> list[dict]:
 
 
 # -- the judge phase ------------------------------------------------------------------------------
-class JudgeRunner(_EngineHolder):
-    """Holds the judge model's engine and scores the judged metrics of whole cells."""
+class JudgeRunner:
+    """Holds one judge backend (``eval.judging``) and scores the judged metrics of whole cells.
 
-    def __init__(self, judge_uri: str, *, out_uri: str, run_id: str, settings: RunSettings) -> None:
-        self.uri = judge_uri
-        self.store = Store(out_uri)
-        self.run_id = run_id
-        self.settings = settings
-        self.engine = None
-        self.load_error = None
-        self.prompts = None
+    Rows waiting for a judge are judged; when the cell was judged by another judge than this
+    run's (its recorded identity says so), every judged row is judged again."""
+
+    def __init__(
+        self,
+        judge: str,
+        *,
+        run: RunContext | None = None,
+        out_uri: str | None = None,
+        run_id: str | None = None,
+        settings: RunSettings | None = None,
+        store: Store | None = None,
+        backend=None,
+    ) -> None:
+        self.spec = judge
+        self.uri = judge  # kept for callers that name the judge by its URI
+        self.run = run or _context_from(out_uri, run_id, settings, (), True)
+        self.settings = self.run.settings
+        self.store = store or Store(self.run.out_uri)
+        self.backend = backend
+        self.load_error: str | None = None
+
+    @property
+    def engine(self):
+        """The local judge's engine, when the backend has one (None before loading)."""
+        return getattr(self.backend, "engine", None)
 
     def load(self) -> None:
-        from eval.prompts import Prompts
+        from eval.judging import make_judge
 
-        self._load_engine()
-        self.prompts = Prompts(self.engine.tokenizer, model_name=f"judge {self.uri}")
+        self.backend = make_judge(self.spec, self.settings)
+
+    def ensure_loaded(self) -> None:
+        if self.backend is not None:
+            return
+        if self.load_error is not None:
+            raise RuntimeError(f"judge {self.spec} did not load: {self.load_error}")
+        try:
+            self.load()
+        except Exception as exc:
+            self.load_error = error_text(exc)
+            raise
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+            self.backend = None
+
+    def run_all(self, cells: Sequence[Cell], on_result=None) -> list[CellResult]:
+        out = []
+        for cell in cells:
+            result = self.judge_cell(cell)
+            out.append(result)
+            if on_result:
+                on_result(result)
+        return out
 
     def judge_cell(self, cell: Cell) -> CellResult:
         start = time.perf_counter()
@@ -343,112 +313,144 @@ class JudgeRunner(_EngineHolder):
             table = read_samples(self.store, cell)
             if table is None:
                 return CellResult.of(cell, SKIPPED, JUDGE, error="no samples to judge")
-            rows, tokens = self._judge_rows(table.to_pylist())
-            write_samples(self.store, cell, samples_table(rows))
+            identity = identity_of(table) or CellIdentity()
+            again = self.run.judge_identity is not None and identity.judge != self.run.judge_identity
+            rows, tokens = self._judge_rows(table.to_pylist(), again=again)
+            write_samples(self.store, cell, samples_table(rows), identity.with_judge(self.run.judge_identity))
+        except DiskFullError:  # as for generation: stop, the rerun resumes
+            raise
         except Exception as exc:
-            error = _error_text(exc)
+            error = error_text(exc)
             logger.error("judging cell %s failed: %s", cell.key, error)
-            write_status(self.store, cell, FAILED, stage=JUDGE, error=error, run_id=self.run_id)
+            write_status(self.store, cell, FAILED, stage=JUDGE, error=error, run_id=self.run.run_id)
             return CellResult.of(cell, FAILED, JUDGE, error=error, seconds=elapsed(start))
-        judged = [r for r in rows if r["judge_model"] == self.uri]
-        write_status(self.store, cell, DONE, stage=JUDGE, run_id=self.run_id, rows=len(rows), judged=len(judged),
-                     judge=self.uri, seconds=elapsed(start))
-        return CellResult.of(cell, DONE, JUDGE, rows=len(judged), seconds=elapsed(start),
-                             prompt_tokens=tokens[0], completion_tokens=tokens[1])
+        judged = [r for r in rows if r["judge_model"] == self.backend.identity]
+        write_status(
+            self.store,
+            cell,
+            DONE,
+            stage=JUDGE,
+            run_id=self.run.run_id,
+            rows=len(rows),
+            judged=len(judged),
+            judge=self.backend.identity,
+            seconds=elapsed(start),
+        )
+        return CellResult.of(
+            cell,
+            DONE,
+            JUDGE,
+            rows=len(judged),
+            seconds=elapsed(start),
+            prompt_tokens=tokens[0],
+            completion_tokens=tokens[1],
+        )
 
-    def _judge_rows(self, rows: list[dict]) -> tuple[list[dict], tuple[int, int]]:
-        from eval.engines.base import Decoding, GenerationRequest
+    def _judge_rows(self, rows: list[dict], *, again: bool = False) -> tuple[list[dict], tuple[int, int]]:
+        from eval.judging import judge_budget
         from eval.kinds import get_kind
 
-        todo, requests = [], []
-        cap = self.settings.max_new_tokens
-        n = self.settings.judge_max_new_tokens
-        dec = Decoding(max_new_tokens=min(n, cap) if cap else n)
+        todo, prompts = [], []
+        budget = judge_budget(self.settings)
         for r in rows:
-            if r["judge_status"] not in NEEDS_JUDGE:
+            waiting = r["judge_status"] in NEEDS_JUDGE or (again and r["judge_status"] != NOT_JUDGED)
+            if not waiting:
                 continue
             text = get_kind(r["kind"]).judge_prompt(r)
             if text is None:
                 continue
-            _, ids = self.prompts.chat_ids(self.prompts.conversation([("user", text)]))
             todo.append(r)
-            requests.append(GenerationRequest(ids, dec))
+            prompts.append(text)
         if not todo:
             return rows, (0, 0)
-        gens = self.engine.generate(requests, progress=self.settings.progress)
-        for r, gen in zip(todo, gens):
-            try:
-                score, status = get_kind(r["kind"]).read_judgment(r, gen.text)
-                error = None
-            except Exception as exc:  # a kind's reader failing on odd text marks the row, not the cell
-                score, status, error = None, JUDGE_ERROR, _error_text(exc)
-            r.update(score=score, judge_status=status, judge_raw=gen.text, judge_model=self.uri, error=error)
-        return rows, (sum(g.prompt_tokens for g in gens), sum(g.completion_tokens for g in gens))
-
-    def _one(self, cell: Cell) -> CellResult:
-        return self.judge_cell(cell)
-
-
-# -- progress -------------------------------------------------------------------------------------
-class Progress:
-    """Cells done / total and tokens per second, on one tqdm bar."""
-
-    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, unit="cell", disable=not enabled or total == 0)
-        self.start = time.perf_counter()
-        self.tokens = 0
-        self.failed = 0
-
-    def update(self, result: CellResult) -> None:
-        self.tokens += result.prompt_tokens + result.completion_tokens
-        self.failed += result.state == FAILED
-        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{rate:,.0f} tok/s" + (f", {self.failed} failed" if self.failed else ""))
-        self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.close()
+        replies = self.backend.judge(prompts, max_new_tokens=budget, progress=self.settings.progress)
+        for r, reply in zip(todo, replies):
+            if reply.error is not None:
+                score, status, error = None, JUDGE_ERROR, reply.error
+            else:
+                try:
+                    score, status = get_kind(r["kind"]).read_judgment(r, reply.text)
+                    error = None
+                except Exception as exc:  # a kind's reader failing on odd text marks the row, not the cell
+                    score, status, error = None, JUDGE_ERROR, error_text(exc)
+            r.update(
+                score=score, judge_status=status, judge_raw=reply.text, judge_model=self.backend.identity, error=error
+            )
+        return rows, (sum(x.prompt_tokens for x in replies), sum(x.completion_tokens for x in replies))
 
 
-# -- in-process run -------------------------------------------------------------------------------
-def run_in_process(models: Mapping[str, str], *, benchmarks=None, languages=None, judge: str | None = None,
-                   out_uri: str, run_id: str | None = None, settings: RunSettings = RunSettings(),
-                   show_progress: bool = True) -> EvalOutcome:
-    """The whole run in this process, one model at a time (``--workers 0``)."""
+# -- in this process ------------------------------------------------------------------------------
+def loads_since(before: Mapping[str, int]) -> dict[str, int]:
+    """Engine loads in this process since ``before`` (a copy of eval.engines.LOAD_COUNTS), by model URI."""
     from eval.engines import LOAD_COUNTS
 
-    models, judge, out_uri = absolute_run_args(models, judge, out_uri)
-    run_id, cells = prepare_run(models, benchmarks=benchmarks, languages=languages, out_uri=out_uri, run_id=run_id)
-    loads_before = dict(LOAD_COUNTS)
-    todo = cells_to_generate(out_uri, cells)
-    results = [CellResult.of(c, SKIPPED, GENERATE) for c in cells if c not in set(todo)]
-    langs = languages_in_play(cells)
-    progress = Progress(len(todo), "eval", show_progress)
-    for model, uri in models.items():
-        mine = [c for c in todo if c.model == model]
-        if not mine:
-            continue
-        evaluator = ModelEvaluator(model, uri, out_uri=out_uri, run_id=run_id, settings=settings,
-                                   languages=langs, judge=judge is not None)
-        try:
-            results += evaluator.run_all(mine, on_result=progress.update)
-        finally:
-            evaluator.close()
-    progress.close()
-    if judge is not None:
-        pending = cells_to_judge(out_uri, cells)
-        if pending:
-            progress = Progress(len(pending), "judge", show_progress)
-            runner = JudgeRunner(judge, out_uri=out_uri, run_id=run_id, settings=settings)
+    return {uri: LOAD_COUNTS[uri] - before.get(uri, 0) for uri in LOAD_COUNTS if LOAD_COUNTS[uri] - before.get(uri, 0)}
+
+
+class InProcessExecutor:
+    """Runs every cell in this process, one model at a time (``--workers 0``), on the run's Store."""
+
+    def __init__(self, store: Store | None = None) -> None:
+        self.store = store
+
+    def _store(self, run: RunContext) -> Store:
+        if self.store is None:
+            self.store = Store(run.out_uri)
+        return self.store
+
+    def start(self, settings: RunSettings) -> RunSettings:
+        return settings
+
+    def generate(
+        self, run: RunContext, jobs: Sequence[ModelJob], progress: Progress
+    ) -> tuple[list[CellResult], dict[str, int]]:
+        from eval.engines import LOAD_COUNTS
+
+        before = dict(LOAD_COUNTS)
+        store = self._store(run)
+        results: list[CellResult] = []
+        for job in jobs:
+            evaluator = ModelEvaluator(job.model, job.uri, run=run, store=store, identity=job.identity)
             try:
-                results += runner.run_all(pending, on_result=progress.update)
+                results += evaluator.run_all(job.cells, on_result=progress.update)
             finally:
-                runner.close()
-                progress.close()
-    summary = summarize(out_uri, run_id)
-    write_summary(out_uri, summary)
-    loads = {uri: LOAD_COUNTS[uri] - loads_before.get(uri, 0) for uri in LOAD_COUNTS
-             if LOAD_COUNTS[uri] - loads_before.get(uri, 0)}
-    return EvalOutcome(run_id=run_id, out_uri=out_uri, summary=summary, results=results, loads=loads, cells=len(cells))
+                evaluator.close()
+        return results, loads_since(before)
+
+    def judge(
+        self, run: RunContext, judge: str, cells: Sequence[Cell], progress: Progress
+    ) -> tuple[list[CellResult], dict[str, int]]:
+        from eval.engines import LOAD_COUNTS
+
+        before = dict(LOAD_COUNTS)
+        runner = JudgeRunner(judge, run=run, store=self._store(run))
+        try:
+            results = runner.run_all(cells, on_result=progress.update)
+        finally:
+            runner.close()
+        return results, loads_since(before)
+
+
+def run_in_process(
+    models: Mapping[str, str],
+    *,
+    benchmarks=None,
+    languages=None,
+    judge: str | None = None,
+    out_uri: str,
+    run_id: str | None = None,
+    settings: RunSettings = RunSettings(),  # noqa: B008 - frozen, so one shared default is safe
+    show_progress: bool = True,
+) -> EvalOutcome:
+    """The whole run in this process, one model at a time (``--workers 0``)."""
+    return run_pipeline(
+        models,
+        benchmarks=benchmarks,
+        languages=languages,
+        judge=judge,
+        out_uri=out_uri,
+        run_id=run_id,
+        settings=settings,
+        executor=None,
+        show_progress=show_progress,
+    )

@@ -13,11 +13,13 @@ Summary: one row per model x language x benchmark x metric: the mean of the non-
 Bump SCHEMA_VERSION when a column changes meaning or is removed; adding a nullable column at
 the end is compatible and needs no bump.
 """
+
 from __future__ import annotations
 
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
+VERSION_KEY = b"chatvec.schema_version"  # in every results file's Parquet metadata
 
 # judge_status values
 NOT_JUDGED = "not_needed"  # the metric does not use a judge
@@ -58,7 +60,7 @@ SAMPLES_SCHEMA = pa.schema(
         pa.field("engine", pa.string()),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ],
-    metadata={b"chatvec.schema_version": str(SCHEMA_VERSION).encode()},
+    metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
 
 SUMMARY_SCHEMA = pa.schema(
@@ -76,12 +78,14 @@ SUMMARY_SCHEMA = pa.schema(
         pa.field("schema_version", pa.int32(), nullable=False),
         pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ],
-    metadata={b"chatvec.schema_version": str(SCHEMA_VERSION).encode()},
+    metadata={VERSION_KEY: str(SCHEMA_VERSION).encode()},
 )
 
 # Fields a kind fills per row; the runner adds the run-level ones.
 ROW_FIELDS = tuple(
-    f.name for f in SAMPLES_SCHEMA if f.name not in ("run_id", "model", "language", "benchmark", "kind", "engine", "created_at")
+    f.name
+    for f in SAMPLES_SCHEMA
+    if f.name not in ("run_id", "model", "language", "benchmark", "kind", "engine", "created_at")
 )
 
 

@@ -1,7 +1,8 @@
 """Plain-text tables of benchmarks and summaries, for the terminal."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import pyarrow as pa
 

@@ -2,6 +2,7 @@
 
 Only headers and small JSON files are read here; tensor bytes are read later by byte range.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from typing import Any
 from merge.errors import InputError
 from merge.safetensors_format import Header, TensorEntry, header_length, parse_header
 from merge.storage import Store, is_local, local_path
+from merge.tokens import read_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -22,9 +24,18 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 VECTOR_INFO = "chatvec_vector.json"
 # small files whose contents shape the output; they take part in the input identity
 SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json", VECTOR_INFO,
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    VECTOR_INFO,
 )
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # headers of most files fit in this; one read then covers length prefix and JSON on object stores
@@ -66,10 +77,14 @@ class Checkpoint:
     side_files: list[str]
     vector_info: dict[str, Any] | None = None
     _tokens: Any = field(default=None, repr=False)
+    _store: Store | None = field(default=None, repr=False)
 
     @property
     def store(self) -> Store:
-        return Store(self.uri)
+        """The checkpoint folder, opened once (open_checkpoint passes the Store it listed)."""
+        if self._store is None:
+            self._store = Store(self.uri)
+        return self._store
 
     @property
     def is_vector(self) -> bool:
@@ -86,9 +101,7 @@ class Checkpoint:
     def tokens(self) -> list[str | None] | None:
         """Token string of every id (None where an id has no token), or None without a tokenizer."""
         if self._tokens is None:
-            from merge.vocab import read_tokens
-
-            self._tokens = read_tokens(self)
+            self._tokens = read_tokens(self.read_json)
         return self._tokens or None
 
     def vocab_rows(self) -> int | None:
@@ -97,6 +110,11 @@ class Checkpoint:
         if size is None and isinstance(cfg.get("text_config"), dict):
             size = cfg["text_config"].get("vocab_size")
         return size if isinstance(size, int) else None
+
+
+def file_identity(store: Store, rel: str, size: int) -> FileIdentity:
+    """What identifies one file's contents without reading it (shared with eval's cell identity)."""
+    return _identity(store, rel, size)
 
 
 def _identity(store: Store, rel: str, size: int) -> FileIdentity:
@@ -122,7 +140,7 @@ def _read_header(store: Store, rel: str) -> tuple[Header, int]:
         size = reader.size
         probe = reader.read_at(0, min(size, _HEADER_PROBE if not store.local else 8))
         n = header_length(probe, size, name)
-        raw = probe[8:8 + n] if len(probe) >= 8 + n else reader.read_at(8, n)
+        raw = probe[8 : 8 + n] if len(probe) >= 8 + n else reader.read_at(8, n)
     return parse_header(raw, size, name, rel), size
 
 
@@ -137,7 +155,9 @@ def _weight_files(store: Store, top: list[str], uri: str) -> tuple[list[str], di
             if not isinstance(weight_map, dict):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
-            raise InputError(f"{store.describe(rel)} is not a valid index: it needs a 'weight_map' of tensor -> file") from None
+            raise InputError(
+                f"{store.describe(rel)} is not a valid index: it needs a 'weight_map' of tensor -> file"
+            ) from None
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if f not in top]
         if missing:
@@ -180,8 +200,9 @@ def open_checkpoint(uri: str, role: str, *, allow_pickle: bool = False) -> Check
         from merge.pickle_convert import convert_pickles
 
         weights_uri = convert_pickles(store, pickles)
-        files, weight_map = _weight_files(Store(weights_uri), Store(weights_uri).list(), weights_uri)
-    wstore = Store(weights_uri)
+        converted = Store(weights_uri)
+        files, weight_map = _weight_files(converted, converted.list(), weights_uri)
+    wstore = store if weights_uri == uri else Store(weights_uri)
     tensors: dict[str, TensorEntry] = {}
     metadata: dict[str, str] = {}
     identities: list[FileIdentity] = []
@@ -207,16 +228,24 @@ def open_checkpoint(uri: str, role: str, *, allow_pickle: bool = False) -> Check
                 f"(e.g. {absent[0]!r}); the checkpoint is incomplete"
             )
     if weights_uri != uri:
-        identities = [_identity(store, rel, store.size(rel) or 0) for rel in sorted(top) if rel.endswith(PICKLE_SUFFIXES)]
+        identities = [
+            _identity(store, rel, store.size(rel) or 0) for rel in sorted(top) if rel.endswith(PICKLE_SUFFIXES)
+        ]
     side = [f for f in top if f in SIDE_FILES]
     identities += [_identity(store, rel, store.size(rel) or 0) for rel in side]
     ckpt = Checkpoint(
-        uri=uri, role=role, tensors=tensors, weights_uri=weights_uri, config=None,
-        metadata=metadata, identities=identities, side_files=side,
+        uri=uri,
+        role=role,
+        tensors=tensors,
+        weights_uri=weights_uri,
+        config=None,
+        metadata=metadata,
+        identities=identities,
+        side_files=side,
+        _store=store,
     )
     ckpt.config = ckpt.read_json("config.json")
     ckpt.vector_info = ckpt.read_json(VECTOR_INFO)
     if ckpt.vector_info is None and metadata.get("format") == "chatvec-vector":
         raise InputError(f"{role} {uri} is a chat vector but its {VECTOR_INFO} is missing; extract it again")
     return ckpt
-

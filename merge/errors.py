@@ -1,4 +1,5 @@
 """Errors a user can cause. The CLI prints them without a traceback and exits non-zero."""
+
 from __future__ import annotations
 
 
@@ -32,5 +33,12 @@ class ConfigError(ChatvecError):
     """A configuration file (ray_config.yaml, recipe, sweep) is invalid."""
 
 
-class BenchmarkDataError(ChatvecError):
-    """A benchmark file is malformed (names the file, line and field)."""
+class StorageError(ChatvecError, OSError):
+    """Reading or writing a storage location failed (after retries, where a retry could help).
+
+    Also an ``OSError``, so code that already handles I/O errors keeps handling it.
+    """
+
+
+class DiskFullError(StorageError):
+    """The device that holds an output has no space left."""

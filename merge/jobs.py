@@ -1,15 +1,17 @@
 """Cut a tensor task into jobs: element ranges of the output with the byte ranges they read.
 
 A job is at most JOB_ELEMS output elements (a few MB per input), so memory stays bounded
-whatever the tensor size; only TIES needs a whole tensor at once (its trim threshold is a
-statistic over the whole tensor), so a tensor with a TIES vector is one job.
+whatever the tensor size. TIES' trim threshold is a statistic of the whole tensor: it is found
+first, in a streaming pass (merge/ties_threshold.py), and handed to the tensor's jobs.
 """
+
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
 
 from merge.kernels import dare_key
+from merge.methods import METHODS
 from merge.plan import Segment, Source, TensorTask, Term
 from merge.safetensors_format import ITEMSIZE
 
@@ -43,6 +45,7 @@ class TermJob:
     term: Term
     pieces: list[Piece]
     key: int = 0
+    index: int = 0  # of the term in task.terms
 
 
 @dataclass
@@ -55,8 +58,10 @@ class Job:
     raws: list[Piece]
     reads: list[Read] = field(default_factory=list)
     in_bytes: int = 0
-    whole: bool = False
-    buf: object = None
+    whole: bool = False  # has a whole-tensor (TIES) term: needs `thresholds` before computing
+    elects: bool = False  # has terms combined by sign election (ties, dare_ties)
+    # term index -> TIES trim threshold (None: keep all), the same for every job of the tensor
+    thresholds: dict[int, float | None] | None = None
 
     @property
     def out_bytes(self) -> int:
@@ -64,19 +69,21 @@ class Job:
 
 
 class _Layout:
+    """Where each read lands in the job buffer (one buffer per job: inputs first, output after)."""
+
     def __init__(self) -> None:
         self.reads: list[Read] = []
         self.size = 0
         self._seen: dict[tuple[int, int, int], int] = {}
 
     def add(self, src: Source, elem: int, n: int) -> int:
-        isz = ITEMSIZE[src.dtype]
-        key = (src.file, src.offset + elem * isz, n * isz)
+        itemsize = ITEMSIZE[src.dtype]
+        key = (src.file, src.offset + elem * itemsize, n * itemsize)
         if key in self._seen:  # e.g. two vectors over the same base model: read it once
             return self._seen[key]
         at = self._seen[key] = self.size
         self.reads.append(Read(*key, at))
-        self.size += -(-(n * isz) // _ALIGN) * _ALIGN
+        self.size += -(-(n * itemsize) // _ALIGN) * _ALIGN
         return at
 
 
@@ -92,34 +99,35 @@ def _overlaps(segments: list[Segment], starts: list[int], lo: int, hi: int):
 
 def task_jobs(task: TensorTask) -> list[Job]:
     numel = task.numel
-    whole = any(t.method == "ties" for t in task.terms)
-    step = numel if whole else JOB_ELEMS
+    whole = any(METHODS[t.method].whole_tensor for t in task.terms)
+    elects = any(METHODS[t.method].sign_election for t in task.terms)
+    step = JOB_ELEMS
     term_starts = [[s.out for s in t.segments] for t in task.terms]
     raw_starts = [[s.out for s in r.segments] for r in task.raw]
-    keys = [dare_key(t.seed, task.name, t.vector) if t.method == "dare" else 0 for t in task.terms]
+    keys = [dare_key(t.seed, task.name, t.vector) if METHODS[t.method].random_drop else 0 for t in task.terms]
     jobs = []
     for lo in range(0, max(numel, 1), max(step, 1)):
         hi = min(numel, lo + step)
-        lay = _Layout()
+        layout = _Layout()
         cp = None
         if task.cp is not None and lo < task.cp.numel:
             n = min(hi, task.cp.numel) - lo
-            cp = Piece(0, n, lay.add(task.cp, lo, n), task.cp.dtype)
+            cp = Piece(0, n, layout.add(task.cp, lo, n), task.cp.dtype)
         terms = []
-        for term, starts, key in zip(task.terms, term_starts, keys):
+        for index, (term, starts, key) in enumerate(zip(task.terms, term_starts, keys)):
             pieces = []
             for s, a, b in _overlaps(term.segments, starts, lo, hi):
                 chat_elem = s.chat + (a - s.out)
-                p = Piece(a - lo, b - a, lay.add(term.chat, chat_elem, b - a), term.chat.dtype, index=chat_elem)
+                p = Piece(a - lo, b - a, layout.add(term.chat, chat_elem, b - a), term.chat.dtype, index=chat_elem)
                 if term.base is not None:
-                    p.base_at = lay.add(term.base, s.base + (a - s.out), b - a)
+                    p.base_at = layout.add(term.base, s.base + (a - s.out), b - a)
                     p.base_dtype = term.base.dtype
                 pieces.append(p)
-            if pieces or whole:
-                terms.append(TermJob(term, pieces, key))
+            if pieces or elects:
+                terms.append(TermJob(term, pieces, key, index))
         raws = []
         for raw, starts in zip(task.raw, raw_starts):
             for s, a, b in _overlaps(raw.segments, starts, lo, hi):
-                raws.append(Piece(a - lo, b - a, lay.add(raw.source, s.chat + (a - s.out), b - a), raw.source.dtype))
-        jobs.append(Job(task, lo, hi - lo, cp, terms, raws, lay.reads, lay.size, whole))
+                raws.append(Piece(a - lo, b - a, layout.add(raw.source, s.chat + (a - s.out), b - a), raw.source.dtype))
+        jobs.append(Job(task, lo, hi - lo, cp, terms, raws, layout.reads, layout.size, whole, elects))
     return jobs

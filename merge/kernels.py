@@ -9,6 +9,7 @@ DARE's random drop is a pure function of (seed, tensor name, vector index, eleme
 it does not depend on how the tensor is chunked, on the device or on the worker:
 element j is kept when the top 24 bits of splitmix64(key + j) are below density * 2**24.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -106,15 +107,24 @@ class NumpyBackend:
     def mask(self, t: np.ndarray, keep: np.ndarray) -> None:
         t *= keep
 
-    # -- TIES over whole tensors ---------------------------------------------------------------
-    def kth_largest_abs(self, t: np.ndarray, k: int) -> float:
-        a = np.abs(t)
-        return float(np.partition(a, a.size - k)[a.size - k])
-
+    # -- TIES (the trim threshold comes from merge/ties_threshold.py) ----------------------------
     def trim(self, t: np.ndarray, threshold: float) -> None:
-        t[np.abs(t) < threshold] = 0.0
+        """Zero the entries with |t| < threshold: t[np.abs(t) < threshold] = 0, 10x faster as a
+        multiply. It differs only in the sign of the zeros (-0 for negative entries), which no
+        later step can see: TIES never elects or counts a zero, and adds +0 in its place."""
+        if threshold != threshold:  # a NaN threshold trims nothing (every comparison is false)
+            return
+        np.multiply(t, np.abs(t) >= threshold, out=t)
 
     def ties_merge(self, weighted: list[np.ndarray]) -> np.ndarray:
+        if len(weighted) == 1:
+            # one vector (the chat vector): every nonzero, non-NaN entry agrees with itself and is
+            # its own mean; the rest give +0, as below (the + 0 turns -0 into +0)
+            w = weighted[0]
+            delta = np.where(np.isnan(w), np.float32(0), w)
+            delta += np.float32(0)
+            return delta
+        # (measured: numpy's where= masked ufuncs are several times slower than these temporaries)
         total = weighted[0].copy()
         for w in weighted[1:]:
             total += w
@@ -165,10 +175,6 @@ class TorchBackend:
     def mask(self, t, keep: np.ndarray) -> None:
         t.mul_(self.torch.from_numpy(keep).to(self.device))
 
-    def kth_largest_abs(self, t, k: int) -> float:
-        a = t.abs()
-        return float(self.torch.kthvalue(a, a.numel() - k + 1).values)
-
     def trim(self, t, threshold: float) -> None:
         t[t.abs() < threshold] = 0.0
 
@@ -189,7 +195,7 @@ class TorchBackend:
         return acc
 
 
-def resolve_device(device: str) -> str:
+def resolve_compute_device(device: str) -> str:
     """'auto' -> 'cuda' when a GPU is visible, else 'cpu', without importing torch for CPU boxes."""
     if device != "auto":
         return device
@@ -208,7 +214,7 @@ def resolve_device(device: str) -> str:
 
 def make_backend(device: str):
     """'cpu' -> numpy; 'cuda', 'cuda:N' -> torch on that GPU; 'torch-cpu' -> torch on the CPU."""
-    device = resolve_device(device)
+    device = resolve_compute_device(device)
     if device == "cpu":
         return NumpyBackend()
     if device == "torch-cpu":

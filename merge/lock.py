@@ -16,6 +16,7 @@ is absent, write it, wait ``settle_s`` and read it back; the merge whose owner i
 read back gives up. Two merges can still both proceed only if the second one's check-then-write
 gap spans the first one's whole write-settle-read (more than ``settle_s``, 1 s by default).
 """
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,7 @@ class LockInfo:
     ttl_s: float
 
     @classmethod
-    def parse(cls, data: bytes) -> "LockInfo | None":
+    def parse(cls, data: bytes) -> LockInfo | None:
         try:
             raw = json.loads(data.decode("utf-8"))
             return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
@@ -91,16 +92,17 @@ def _holder_is_gone(info: LockInfo) -> bool:
 
 
 class OutputLock:
-    """Holds ``.chatvec/lock.json`` in `out_uri` from :meth:`acquire` to :meth:`release`.
+    """Holds ``.chatvec/lock.json`` in the output store `out` from :meth:`acquire` to :meth:`release`.
 
     Use as a context manager. A background thread refreshes the heartbeat every ``ttl_s / 5``
     seconds; :meth:`check` raises if the lock was lost (taken over by another process that judged
     it abandoned), which a merge calls before its commit.
     """
 
-    def __init__(self, out_uri: str, *, ttl_s: float = DEFAULT_TTL_S, purpose: str = "merge",
-                 settle_s: float = 1.0) -> None:
-        self.store = Store(out_uri)
+    def __init__(
+        self, out: Store | str, *, ttl_s: float = DEFAULT_TTL_S, purpose: str = "merge", settle_s: float = 1.0
+    ) -> None:
+        self.store = out if isinstance(out, Store) else Store(out)
         self.ttl_s = float(ttl_s)
         self.purpose = purpose
         self.settle_s = settle_s
@@ -136,11 +138,18 @@ class OutputLock:
         return None
 
     # -- taking and giving back -----------------------------------------------------------------
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         now = time.time()
-        me = LockInfo(owner=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(),
-                      pid_start=_process_start(os.getpid()), purpose=self.purpose, created=now,
-                      heartbeat=now, ttl_s=self.ttl_s)
+        me = LockInfo(
+            owner=uuid.uuid4().hex,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            pid_start=_process_start(os.getpid()),
+            purpose=self.purpose,
+            created=now,
+            heartbeat=now,
+            ttl_s=self.ttl_s,
+        )
         for _attempt in range(5):
             current = self.read()
             if current is not None:
@@ -156,8 +165,11 @@ class OutputLock:
                 logger.info("locked %s", self.uri)
                 return self
         current = self.read()
-        raise self._refusal(current) if current is not None else OutputLockedError(
-            f"could not lock {self.uri}: other processes keep taking it. Try again.")
+        raise (
+            self._refusal(current)
+            if current is not None
+            else OutputLockedError(f"could not lock {self.uri}: other processes keep taking it. Try again.")
+        )
 
     def _refusal(self, info: LockInfo) -> OutputLockedError:
         age = time.time() - info.heartbeat
@@ -273,7 +285,7 @@ class OutputLock:
         self._thread = threading.Thread(target=beat, name="chatvec-lock-heartbeat", daemon=True)
         self._thread.start()
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

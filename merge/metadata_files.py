@@ -6,6 +6,7 @@ chat model of the first vector, with token ids translated into the output vocabu
 string. Vector (`chatvec extract`): config, tokenizer, template and generation config of the
 chat model, plus chatvec_vector.json, so a later merge finds everything it needs in one place.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,13 +14,19 @@ import logging
 from typing import Any
 
 from merge.checkpoint import VECTOR_INFO
+from merge.methods import METHODS
 from merge.storage import Store
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
 )
 TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 _ID_KEYS = ("eos_token_id", "bos_token_id", "pad_token_id")
@@ -39,13 +46,9 @@ def _load(store: Store, rel: str) -> dict | None:
 
 
 def _tokens(store: Store) -> list[str | None]:
-    from merge.vocab import read_tokens
+    from merge.tokens import read_tokens
 
-    class _View:  # read_tokens wants read_json(rel)
-        def read_json(self, rel: str):
-            return _load(store, rel)
-
-    return read_tokens(_View())  # type: ignore[arg-type]
+    return read_tokens(lambda rel: _load(store, rel))
 
 
 def _content(tok: Any) -> str | None:
@@ -129,7 +132,11 @@ def _model_files(plan, manifest: dict) -> dict[str, bytes]:
             if key in gen:
                 mapped = id_map(gen[key])
                 if mapped is None:
-                    logger.warning("generation_config %s=%r of the chat model has no counterpart in the CP vocabulary; dropped", key, gen[key])
+                    logger.warning(
+                        "generation_config %s=%r of the chat model has no counterpart in the CP vocabulary; dropped",
+                        key,
+                        gen[key],
+                    )
                     gen.pop(key)
                 else:
                     gen[key] = mapped
@@ -149,9 +156,17 @@ def _append_tokens(out: dict[str, bytes], chat: Store, cp_tokens: list, appended
         doc = json.loads(out["tokenizer.json"])
         added = doc.setdefault("added_tokens", [])
         for k, tok in enumerate(appended):
-            entry = dict(chat_added.get(tok) or {
-                "content": tok, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True,
-            })
+            entry = dict(
+                chat_added.get(tok)
+                or {
+                    "content": tok,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": True,
+                }
+            )
             entry["id"] = first + k
             added.append(entry)
         out["tokenizer.json"] = _json(doc)
@@ -198,7 +213,8 @@ def model_card(plan, manifest: dict) -> str:
     ]
     for i, v in enumerate(r.vectors):
         src = f"`{v.vector}` (extracted)" if v.vector else f"`{v.chat}` - `{v.base}`"
-        method = v.method if v.method == "add" else f"{v.method} (density {v.density:g}, seed {v.seed})"
+        plain = METHODS[v.method].parameters == ("ratio",)
+        method = v.method if plain else f"{v.method} (density {v.density:g}, seed {v.seed})"
         lines.append(f"- vector {i + 1}: {src}, ratio {v.ratio:g}, method {method}")
     lines += [
         f"- embeddings policy: {r.embeddings or 'none (vocabularies match)'}; chat-only token rows from chat: {r.chat_tokens_from_chat}",
@@ -218,12 +234,14 @@ def model_card(plan, manifest: dict) -> str:
 
 def vector_card(plan) -> str:
     info = plan.vector_info or {}
-    return "\n".join([
-        "# Chat vector (chatvec extract)",
-        "",
-        f"`tau = chat - base`, stored as {info.get('dtype')}: chat `{info.get('chat')}`, base `{info.get('base')}`.",
-        "Rows are in the chat model's vocabulary; rows listed under `raw_rows` in chatvec_vector.json",
-        "hold the chat model's own values (tokens the base model lacks).",
-        "Use it with `chatvec merge --cp CP --vector THIS --out OUT`.",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Chat vector (chatvec extract)",
+            "",
+            f"`tau = chat - base`, stored as {info.get('dtype')}: chat `{info.get('chat')}`, base `{info.get('base')}`.",
+            "Rows are in the chat model's vocabulary; rows listed under `raw_rows` in chatvec_vector.json",
+            "hold the chat model's own values (tokens the base model lacks).",
+            "Use it with `chatvec merge --cp CP --vector THIS --out OUT`.",
+            "",
+        ]
+    )

@@ -1,4 +1,4 @@
-"""The output location: cache hits, refusal to clobber, the commit, and the local merge.
+"""The output location: cache hits, refusal to clobber, and the commit.
 
 Layout of a merged model (Hugging Face layout plus chatvec's files)::
 
@@ -11,25 +11,25 @@ A location holding a manifest is committed. The same plan fingerprint there is a
 another fingerprint is refused unless `overwrite`, which first removes the manifest and the index
 (so a crash half-way cannot leave a stale commit) and then the files the old manifest listed.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from merge.errors import OutputExistsError
-from merge.executor import RECORDS, Engine, ShardResult, completed_shards
+from merge.layout import MANIFEST
 from merge.metadata_files import side_files
 from merge.plan import FORMAT_VERSION, MergePlan
+from merge.shard_writer import RECORDS, ShardResult
 from merge.storage import Store
 
 logger = logging.getLogger(__name__)
 
 INDEX = "model.safetensors.index.json"
-MANIFEST = "chatvec_manifest.json"
 
 
 def chatvec_version() -> str:
@@ -50,6 +50,8 @@ class MergeSummary:
     shards_resumed: int
     cached: bool
     device: str
+    # bytes of the shards each worker wrote in this run (by ShardResult.written_by)
+    bytes_by_worker: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
         from merge.units import format_size
@@ -57,10 +59,15 @@ class MergeSummary:
         if self.cached:
             return f"already merged: {self.out_uri} (same recipe and inputs; nothing to do)"
         rate = self.total_bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
-        return (
+        line = (
             f"merged {format_size(self.total_bytes)} in {self.seconds:.2f} s ({rate:.2f} GB/s) on {self.device}: "
             f"{self.shards_written} shard(s) written, {self.shards_resumed} resumed -> {self.out_uri}"
         )
+        if len(self.bytes_by_worker) > 1:
+            line += "\nbytes per worker: " + ", ".join(
+                f"{who} {format_size(n)}" for who, n in sorted(self.bytes_by_worker.items())
+            )
+        return line
 
 
 def _read_manifest(store: Store) -> dict | None:
@@ -68,8 +75,9 @@ def _read_manifest(store: Store) -> dict | None:
         return None
     try:
         return json.loads(store.read_text(MANIFEST))
-    except ValueError:
-        return {}
+    except ValueError as exc:  # cut short or corrupt: nothing was committed there
+        logger.warning("%s is unreadable (%s): merging again", store.describe(MANIFEST), exc)
+        return None
 
 
 def _intact(store: Store, manifest: dict) -> bool:
@@ -85,12 +93,14 @@ def _uncommit(store: Store, manifest: dict | None) -> None:
         store.delete(f"{RECORDS}/{rel}.json")
 
 
-def check_output(plan: MergePlan, out_uri: str, *, overwrite: bool) -> dict | None:
-    """The committed manifest when `out_uri` already holds this plan's result, else None.
+def check_output(plan: MergePlan, out: Store | str, *, overwrite: bool) -> dict | None:
+    """The committed manifest when `out` already holds this plan's result, else None.
 
-    Raises OutputExistsError when it holds something else and `overwrite` is false.
+    Raises OutputExistsError when it holds something else and `overwrite` is false; with
+    `overwrite`, removes the other commit (call that only under the output lock).
     """
-    store = Store(out_uri)
+    store = out if isinstance(out, Store) else Store(out)
+    out_uri = store.describe()
     manifest = _read_manifest(store)
     fp = plan.fingerprint()
     if manifest is not None:
@@ -123,9 +133,9 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def commit(plan: MergePlan, results: list[ShardResult], out_uri: str) -> dict:
+def commit(plan: MergePlan, results: list[ShardResult], store: Store) -> dict:
     """Write the side files, then the index, then the manifest (the commit point); return it."""
-    store = Store(out_uri)
+    out_uri = store.describe()
     by_name = {r.filename: r for r in results}
     missing = [s.filename for s in plan.shards if s.filename not in by_name]
     if missing:
@@ -135,14 +145,17 @@ def commit(plan: MergePlan, results: list[ShardResult], out_uri: str) -> dict:
         r = by_name[shard.filename]
         if r.nbytes != shard.nbytes:
             raise RuntimeError(f"cannot commit {out_uri}: {r.filename} has {r.nbytes} bytes, planned {shard.nbytes}")
-        files[r.filename] = {"size": r.nbytes, "sha256": r.sha256}
+        files[r.filename] = {"size": r.nbytes, "sha256": r.sha256, "written_by": r.written_by}
     manifest_base = _manifest(plan, files)
     for rel, data in side_files(plan, manifest_base).items():
         store.write_bytes(rel, data)
         files[rel] = {"size": len(data), "sha256": _sha(data)}
     weight_map = {name: s.filename for s in plan.shards for name in s.tensor_names}
     index = {
-        "metadata": {"total_size": sum(t.nbytes for t in plan.tasks.values()), "chatvec_fingerprint": plan.fingerprint()},
+        "metadata": {
+            "total_size": sum(t.nbytes for t in plan.tasks.values()),
+            "chatvec_fingerprint": plan.fingerprint(),
+        },
         "weight_map": weight_map,
     }
     data = json.dumps(index, indent=2).encode()
@@ -153,60 +166,27 @@ def commit(plan: MergePlan, results: list[ShardResult], out_uri: str) -> dict:
     return manifest
 
 
+def _mode(plan: MergePlan) -> str:
+    mergekit = plan.recipe.mergekit if plan.recipe is not None else None
+    return f"mergekit {mergekit.method}" if mergekit is not None else "chatvec"
+
+
 def _manifest(plan: MergePlan, files: dict) -> dict:
     return {
         "chatvec_version": chatvec_version(),
         "format": FORMAT_VERSION,
         "kind": plan.kind,
+        # whose formulas: chatvec's (the papers') or mergekit's (--mergekit-config, merge/gta.py)
+        "mode": _mode(plan),
         "fingerprint": plan.fingerprint(),
         "recipe": plan.recipe.fingerprint_payload() if plan.recipe is not None else None,
-        "recipe_text": plan.recipe.describe() if plan.recipe is not None else (plan.vector_info or {}).get("description"),
+        "recipe_text": plan.recipe.describe()
+        if plan.recipe is not None
+        else (plan.vector_info or {}).get("description"),
         "vector": plan.vector_info,
-        "inputs": [
-            {"role": i.role, "uri": i.uri, "files": [f.__dict__ for f in i.files]} for i in plan.inputs
-        ],
+        "inputs": [{"role": i.role, "uri": i.uri, "files": [f.__dict__ for f in i.files]} for i in plan.inputs],
         "dtype": plan.torch_dtype,
         "appended_tokens": plan.appended_tokens,
         "files": dict(files),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def merge_local(plan: MergePlan, out_uri: str, *, device: str = "cpu", overwrite: bool = False, progress: bool = True) -> MergeSummary:
-    """Merge in this process (no Ray): resume what is done, write the rest, commit."""
-    from merge.lock import OutputLock
-
-    t0 = time.perf_counter()
-    if check_output(plan, out_uri, overwrite=overwrite) is not None:
-        return MergeSummary(out_uri, plan.total_bytes, time.perf_counter() - t0, 0, 0, True, device)
-    with OutputLock(out_uri, purpose="merge") as lock:
-        if check_output(plan, out_uri, overwrite=overwrite) is not None:
-            return MergeSummary(out_uri, plan.total_bytes, time.perf_counter() - t0, 0, 0, True, device)
-        done = completed_shards(plan, out_uri)
-        if done:
-            logger.info("%s: %d of %d shard(s) already written and verified; writing the rest", out_uri, len(done), len(plan.shards))
-        results = dict(done)
-        bar = _bar(plan.total_bytes, sum(r.nbytes for r in done.values()), progress)
-        engine = Engine(plan, device)
-        try:
-            for i in range(len(plan.shards)):
-                if i not in results:
-                    results[i] = engine.write_shard(i, out_uri, bar.update if bar else None)
-        finally:
-            engine.close()
-            if bar:
-                bar.close()
-        lock.check()
-        commit(plan, [results[i] for i in range(len(plan.shards))], out_uri)
-    return MergeSummary(
-        out_uri, plan.total_bytes, time.perf_counter() - t0,
-        len(plan.shards) - len(done), len(done), False, engine.device,
-    )
-
-
-def _bar(total: int, initial: int, progress: bool):
-    if not progress or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1000, desc="merge", file=sys.stderr)

@@ -5,6 +5,7 @@ arbitrary objects) and rewritten once as safetensors in a local cache folder key
 files' identity, so the rest of chatvec reads them by byte range like any other input. The
 cache is on this machine: a Ray merge with pickle inputs works on one node only.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -4,6 +4,7 @@ Made from headers, configs and tokenizers only, before a byte is written. Every 
 is collected and raised together in one PlanError. The plan is plain dataclasses so it pickles
 cheaply (the Ray driver ships it to every merge actor).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from merge.checkpoint import Checkpoint, FileIdentity, open_checkpoint
 from merge.errors import InputError, PlanError
-from merge.recipe import Recipe, VectorSpec
+from merge.recipe import MergekitMode, Recipe, VectorSpec
 from merge.safetensors_format import DTYPE_BY_NAME, FLOAT_DTYPES, ITEMSIZE, NAME_BY_DTYPE, build_header
 from merge.vocab import is_vocab_tensor, pair_base_chat, place_rows, tau_rows_from_vector
 
@@ -80,6 +81,8 @@ class TensorTask:
     cp: Source | None  # None: the output starts from zeros (vectors)
     terms: list[Term] = field(default_factory=list)
     raw: list[RawCopy] = field(default_factory=list)
+    # mergekit's general form (merge/gta.py) instead of chatvec's arithmetic; cp is then the base model
+    mergekit: MergekitMode | None = None
 
     @property
     def numel(self) -> int:
@@ -127,7 +130,9 @@ class MergePlan:
             "format": FORMAT_VERSION,
             "kind": self.kind,
             "recipe": self.recipe.fingerprint_payload() if self.recipe is not None else None,
-            "vector": {k: v for k, v in (self.vector_info or {}).items() if k in ("base", "chat", "dtype", "embeddings")},
+            "vector": {
+                k: v for k, v in (self.vector_info or {}).items() if k in ("base", "chat", "dtype", "embeddings")
+            },
             "shard_size": self.shard_size,
             "inputs": [{"role": i.role, "uri": i.uri, "files": [asdict(f) for f in i.files]} for i in self.inputs],
         }
@@ -190,12 +195,14 @@ def _shards(tasks: list[TensorTask], shard_size: int, metadata: dict[str, str]) 
     out = []
     for i, group in enumerate(groups):
         header = build_header([(t.name, t.dtype, t.shape, t.nbytes) for t in group], metadata)
-        out.append(ShardPlan(
-            filename=f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors",
-            nbytes=len(header) + sum(t.nbytes for t in group),
-            tensor_names=[t.name for t in group],
-            header=header,
-        ))
+        out.append(
+            ShardPlan(
+                filename=f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors",
+                nbytes=len(header) + sum(t.nbytes for t in group),
+                tensor_names=[t.name for t in group],
+                header=header,
+            )
+        )
     return out
 
 
@@ -263,20 +270,26 @@ class _Planner:
             dtype = (out_dtype or e.dtype) if e.dtype in FLOAT_DTYPES else e.dtype
             self.tasks[n] = TensorTask(n, dtype, e.shape, self.b.source(cp, n))
             if e.dtype.startswith("F8"):
-                self.problems.append(f"cp tensor {n} is {e.dtype}; chatvec merges float64/32/16 and bfloat16 only: dequantize the model first")
+                self.problems.append(
+                    f"cp tensor {n} is {e.dtype}; chatvec merges float64/32/16 and bfloat16 only: dequantize the model first"
+                )
 
     def check_families(self) -> None:
         cp, problems = self.cp, self.problems
         fam = _family(cp)
         if cp.config is None:
-            problems.append(f"cp {cp.uri} has no config.json; chatvec needs it to check the model family and to write the output")
+            problems.append(
+                f"cp {cp.uri} has no config.json; chatvec needs it to check the model family and to write the output"
+            )
         for role, ckpt in self.opened.items():
             if role == "cp":
                 continue
             if ckpt.is_vector and not role.startswith("vector"):
                 problems.append(f"{role} {ckpt.uri} is a chat vector; pass it with --vector")
             if not ckpt.is_vector and role.startswith("vector"):
-                problems.append(f"{role} {ckpt.uri} is not a chat vector written by `chatvec extract`; pass models with --base/--chat")
+                problems.append(
+                    f"{role} {ckpt.uri} is not a chat vector written by `chatvec extract`; pass models with --base/--chat"
+                )
             if ckpt.config is None:
                 problems.append(f"{role} {ckpt.uri} has no config.json")
             elif cp.config is not None and _family(ckpt) != fam:
@@ -286,7 +299,9 @@ class _Planner:
                     f"vs the CP model's {fam[0]} {list(fam[1])}"
                 )
 
-    def add_vector(self, vi: int, base: Checkpoint | None, chat: Checkpoint, base_role: str | None, chat_role: str) -> None:
+    def add_vector(
+        self, vi: int, base: Checkpoint | None, chat: Checkpoint, base_role: str | None, chat_role: str
+    ) -> None:
         """Add vector `vi` to every CP float tensor it pairs with by name."""
         spec = self.recipe.vectors[vi]
         _check_names(self.problems, self.cp, base, chat, base_role, chat_role)
@@ -294,22 +309,26 @@ class _Planner:
         for n in self.cp_float:
             if n not in chat.tensors or (base is not None and n not in base.tensors):
                 continue
-            ce, cpe = chat.tensors[n], self.cp.tensors[n]
-            be = base.tensors[n] if base is not None else None
-            bad = [f"{r} is {x.dtype}" for r, x in ((base_role, be), (chat_role, ce)) if x is not None and x.dtype not in FLOAT_DTYPES]
+            chat_entry, cp_entry = chat.tensors[n], self.cp.tensors[n]
+            base_entry = base.tensors[n] if base is not None else None
+            bad = [
+                f"{r} is {x.dtype}"
+                for r, x in ((base_role, base_entry), (chat_role, chat_entry))
+                if x is not None and x.dtype not in FLOAT_DTYPES
+            ]
             if bad:
                 self.problems.append(f"{n}: cannot do arithmetic: {', '.join(bad)}")
                 continue
-            shapes = {"cp": cpe.shape, chat_role: ce.shape}
-            if be is not None:
-                shapes[base_role] = be.shape
+            shapes = {"cp": cp_entry.shape, chat_role: chat_entry.shape}
+            if base_entry is not None:
+                shapes[base_role] = base_entry.shape
             desc = ", ".join(f"{r} {list(s)}" for r, s in shapes.items())
             vocab = n in self.vocab_names and all(len(s) == 2 for s in shapes.values())
             # an extracted vector with chat-only rows came from base/chat vocabularies that differ
             same = len(set(shapes.values())) == 1 and not raw_rows.get(n)
             if not vocab or (same and self.recipe.embeddings is None):
                 if same:
-                    whole = [Segment(0, 0, 0 if base is not None else -1, cpe.numel)]
+                    whole = [Segment(0, 0, 0 if base is not None else -1, cp_entry.numel)]
                     self.tasks[n].terms.append(_term(self.b, vi, spec, chat, base, n, whole))
                 else:
                     self.problems.append(f"{n}: shapes differ: {desc}")
@@ -325,31 +344,41 @@ class _Planner:
         """An embedding-shaped tensor under an embeddings policy: rows matched as merge/vocab.py says."""
         if self.recipe.embeddings == "skip" and not self.recipe.chat_tokens_from_chat:
             return  # CP rows stay as they are; no rows to match
-        cpe, ce = self.cp.tensors[n], chat.tensors[n]
+        cp_entry, chat_entry = self.cp.tensors[n], chat.tensors[n]
         cp_tokens = self.cp.tokens()
         if base is None:
-            tau = tau_rows_from_vector(ce.shape[0], raw_rows)
+            tau = tau_rows_from_vector(chat_entry.shape[0], raw_rows)
         else:
-            tau = pair_base_chat(base.tensors[n].shape[0], ce.shape[0], base.tokens(), chat.tokens(), self.recipe.embeddings)
+            tau = pair_base_chat(
+                base.tensors[n].shape[0], chat_entry.shape[0], base.tokens(), chat.tokens(), self.recipe.embeddings
+            )
             if isinstance(tau, str):
                 self.problems.append(f"{n}: {tau}")
                 return
-        next_id = len(cp_tokens) if cp_tokens else cpe.shape[0]
+        next_id = len(cp_tokens) if cp_tokens else cp_entry.shape[0]
         placed = place_rows(
-            tau, chat.tokens(), cpe.shape[0], cp_tokens, self.recipe.embeddings,
-            self.recipe.chat_tokens_from_chat, self.appended, next_id,
+            tau,
+            chat.tokens(),
+            cp_entry.shape[0],
+            cp_tokens,
+            self.recipe.embeddings,
+            self.recipe.chat_tokens_from_chat,
+            self.appended,
+            next_id,
         )
         if isinstance(placed, str):
             self.problems.append(f"{n}: {placed}")
             return
-        rowlen = cpe.shape[1]
+        rowlen = cp_entry.shape[1]
         segs = _row_segments(placed.delta, rowlen, with_base=True)
         if base is None:
             segs = [Segment(s.out, s.chat, -1, s.n) for s in segs]
         if segs:
             self.tasks[n].terms.append(_term(self.b, vi, self.recipe.vectors[vi], chat, base, n, segs))
         if placed.raw:
-            self.tasks[n].raw.append(RawCopy(self.b.source(chat, n), _row_segments(placed.raw, rowlen, with_base=False)))
+            self.tasks[n].raw.append(
+                RawCopy(self.b.source(chat, n), _row_segments(placed.raw, rowlen, with_base=False))
+            )
 
     def finish(self, shard_size: int, chat_uri: str) -> MergePlan:
         tasks, vocab_rows = self.tasks, None
@@ -363,24 +392,50 @@ class _Planner:
         if self.problems:
             hint = POLICY_HINT if any("policy" in p for p in self.problems) else ""
             raise PlanError(self.problems, f"Nothing was written. {hint}".strip())
+        if self.recipe.mergekit is not None:
+            for t in tasks.values():
+                if t.terms:
+                    t.mergekit = self.recipe.mergekit
         shards = _shards(list(tasks.values()), shard_size, {"format": "pt"})
         return MergePlan(
-            recipe=self.recipe, shards=shards, total_bytes=sum(s.nbytes for s in shards),
-            inputs=_identities(self.opened), files=self.b.files, tasks=tasks, kind="model", shard_size=shard_size,
-            torch_dtype=_torch_dtype(self.recipe.dtype, self.cp), cp_uri=self.cp.uri, chat_uri=chat_uri,
-            appended_tokens=sorted(self.appended, key=self.appended.get), vocab_rows=vocab_rows,
+            recipe=self.recipe,
+            shards=shards,
+            total_bytes=sum(s.nbytes for s in shards),
+            inputs=_identities(self.opened),
+            files=self.b.files,
+            tasks=tasks,
+            kind="model",
+            shard_size=shard_size,
+            torch_dtype=_torch_dtype(self.recipe.dtype, self.cp),
+            cp_uri=self.cp.uri,
+            chat_uri=chat_uri,
+            appended_tokens=sorted(self.appended, key=self.appended.get),
+            vocab_rows=vocab_rows,
         )
 
 
-def _term(b: _Builder, vi: int, spec: VectorSpec, chat: Checkpoint, base: Checkpoint | None, name: str, segs: list[Segment]) -> Term:
+def _term(
+    b: _Builder, vi: int, spec: VectorSpec, chat: Checkpoint, base: Checkpoint | None, name: str, segs: list[Segment]
+) -> Term:
     return Term(
-        vector=vi, ratio=float(spec.ratio), method=spec.method, density=float(spec.density), seed=int(spec.seed),
-        chat=b.source(chat, name), base=b.source(base, name) if base is not None else None, segments=segs,
+        vector=vi,
+        ratio=float(spec.ratio),
+        method=spec.method,
+        density=float(spec.density),
+        seed=int(spec.seed),
+        chat=b.source(chat, name),
+        base=b.source(base, name) if base is not None else None,
+        segments=segs,
     )
 
 
 def _check_names(
-    problems: list[str], cp: Checkpoint, base: Checkpoint | None, chat: Checkpoint, base_role: str | None, chat_role: str,
+    problems: list[str],
+    cp: Checkpoint,
+    base: Checkpoint | None,
+    chat: Checkpoint,
+    base_role: str | None,
+    chat_role: str,
 ) -> None:
     cp_float = {n for n, e in cp.tensors.items() if e.dtype in FLOAT_DTYPES}
     others = [(base_role, base), (chat_role, chat)] if base is not None else [(chat_role, chat)]
@@ -389,7 +444,9 @@ def _check_names(
         missing = sorted(cp_float - names)
         extra = sorted(names - cp_float)
         if missing:
-            problems.append(f"{len(missing)} tensor(s) of the CP model are missing from {role} {ckpt.uri}: {_cap(missing)}")
+            problems.append(
+                f"{len(missing)} tensor(s) of the CP model are missing from {role} {ckpt.uri}: {_cap(missing)}"
+            )
         if extra:
             problems.append(f"{len(extra)} tensor(s) of {role} {ckpt.uri} are not in the CP model: {_cap(extra)}")
 

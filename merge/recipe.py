@@ -17,15 +17,18 @@ A recipe YAML looks like::
 
 Relative paths are taken relative to the working directory, as on the command line.
 """
+
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from merge.errors import ConfigError
+from merge.methods import METHOD_NAMES, METHODS
 
-Method = Literal["add", "ties", "dare"]
+# the names come from the method table (merge/methods.py)
+Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
 EmbeddingPolicy = Literal["skip", "overlap", "by-token"]
 OutDtype = Literal["bfloat16", "float16", "float32"]
 
@@ -35,9 +38,9 @@ class VectorSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    base: Optional[str] = None
-    chat: Optional[str] = None
-    vector: Optional[str] = None
+    base: str | None = None
+    chat: str | None = None
+    vector: str | None = None
     ratio: float = 1.0
     method: Method = "add"
     # ties keeps the top `density` fraction of |tau| per tensor; dare keeps each entry with
@@ -46,7 +49,7 @@ class VectorSpec(BaseModel):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _one_source(self) -> "VectorSpec":
+    def _one_source(self) -> VectorSpec:
         pair = self.base is not None or self.chat is not None
         if self.vector is not None and pair:
             raise ValueError("give either `vector` or both `base` and `chat`, not both")
@@ -56,8 +59,22 @@ class VectorSpec(BaseModel):
 
     def describe(self) -> str:
         src = self.vector if self.vector is not None else f"{self.chat} - {self.base}"
-        extra = "" if self.method == "add" else f", {self.method} density {self.density:g} seed {self.seed}"
+        plain = METHODS[self.method].parameters == ("ratio",)
+        extra = "" if plain else f", {self.method} density {self.density:g} seed {self.seed}"
         return f"{self.ratio:g} x ({src}{extra})"
+
+
+class MergekitMode(BaseModel):
+    """mergekit's general form instead of chatvec's: base + lambda * combine(weight_i, model_i - base)
+    (merge/gta.py). Set by `--mergekit-config` (merge/mergekit_config.py), not by recipes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["task_arithmetic", "ties", "dare_ties", "dare_linear"]
+    normalize: bool
+    rescale: bool
+    lambda_: float = 1.0
+    consensus: bool = False  # TIES' sign election ("sum"): ties and dare_ties
 
 
 class Recipe(BaseModel):
@@ -65,15 +82,18 @@ class Recipe(BaseModel):
 
     cp: str
     vectors: list[VectorSpec] = Field(min_length=1)
-    embeddings: Optional[EmbeddingPolicy] = None
+    embeddings: EmbeddingPolicy | None = None
     # Rows of tokens that only the chat model has are copied from the chat model (see
     # merge/vocab.py for where they go when the CP tokenizer lacks them).
     chat_tokens_from_chat: bool = False
-    dtype: Optional[OutDtype] = None
+    dtype: OutDtype | None = None
+    mergekit: MergekitMode | None = None
 
     def fingerprint_payload(self) -> dict:
         """Everything that decides the output's bytes, in a stable JSON-able form."""
+        extra = {"mergekit": self.mergekit.model_dump()} if self.mergekit is not None else {}
         return {
+            **extra,
             "cp": _canonical_uri(self.cp),
             "vectors": [
                 {
@@ -93,6 +113,12 @@ class Recipe(BaseModel):
         }
 
     def describe(self) -> str:
+        if self.mergekit is not None:
+            m = self.mergekit
+            return (
+                f"mergekit {m.method} (normalize {m.normalize}, lambda {m.lambda_:g}, rescale {m.rescale}): "
+                f"{self.cp} + " + " + ".join(v.describe() for v in self.vectors)
+            )
         return f"{self.cp} + " + " + ".join(v.describe() for v in self.vectors)
 
 
@@ -129,7 +155,9 @@ def recipe_from_options(
 
     try:
         spec = VectorSpec(base=base, chat=chat, vector=vector, ratio=ratio, method=method, density=density, seed=seed)
-        return Recipe(cp=cp, vectors=[spec], embeddings=embeddings, chat_tokens_from_chat=chat_tokens_from_chat, dtype=dtype)
+        return Recipe(
+            cp=cp, vectors=[spec], embeddings=embeddings, chat_tokens_from_chat=chat_tokens_from_chat, dtype=dtype
+        )
     except ValidationError as exc:
         msgs = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
         raise ConfigError(f"invalid merge options: {msgs}") from None

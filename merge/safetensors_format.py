@@ -7,6 +7,7 @@ of data is trusted: the header bound, JSON shape, known dtypes, ``prod(shape) * 
 end - begin``, offsets inside the file, no overlaps and no holes, and that the file ends where
 the data ends (a shorter file is truncated).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,23 @@ MAX_HEADER_BYTES = 100_000_000
 
 # dtype -> item size in bytes
 ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U64": 8, "U32": 4, "U16": 2, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "C64": 8,
 }
 # dtypes the arithmetic reads and writes (float32 math in between)
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -82,7 +96,9 @@ def parse_header(raw: bytes, file_size: int, name: str, rel: str) -> Header:
         raise _bad(name, "its header is not a JSON object")
     data_start = 8 + len(raw)
     metadata = doc.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
         raise _bad(name, "__metadata__ must map strings to strings")
     entries: dict[str, TensorEntry] = {}
     spans: list[tuple[int, int, str]] = []
@@ -92,10 +108,13 @@ def parse_header(raw: bytes, file_size: int, name: str, rel: str) -> Header:
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if dtype not in ITEMSIZE:
             raise _bad(name, f"tensor {tname!r} has unknown dtype {dtype!r} (known: {', '.join(ITEMSIZE)})")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+        ):
             raise _bad(name, f"tensor {tname!r} has an invalid shape {shape!r}")
         if (
-            not isinstance(offsets, list) or len(offsets) != 2
+            not isinstance(offsets, list)
+            or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
             or offsets[0] > offsets[1]
         ):
@@ -103,7 +122,9 @@ def parse_header(raw: bytes, file_size: int, name: str, rel: str) -> Header:
         begin, end = offsets
         expected = math.prod(shape) * ITEMSIZE[dtype]
         if end - begin != expected:
-            raise _bad(name, f"tensor {tname!r} spans {end - begin} bytes but shape {shape} of {dtype} needs {expected}")
+            raise _bad(
+                name, f"tensor {tname!r} spans {end - begin} bytes but shape {shape} of {dtype} needs {expected}"
+            )
         if data_start + end > file_size:
             raise _bad(
                 name,

@@ -4,17 +4,24 @@ Local paths take a plain-file fast path (``os.pread`` and buffered writes); ever
 through ``pyarrow.fs``. ``s3://`` honours the standard AWS environment variables, including
 ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` for S3-compatible servers. ``hf://org/name`` reads
 a Hugging Face repository through ``huggingface_hub`` without downloading it whole.
+
+Remote operations are retried with backoff (``merge.storage_retry``) and end, when they keep
+failing, in a ``StorageError`` naming the URI; a full local disk is a ``DiskFullError``. All the
+``Store`` objects of a process share one client per storage endpoint (``merge.storage_clients``).
 """
+
 from __future__ import annotations
 
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 from urllib.parse import urlparse
 
-from merge.errors import InputError
+from merge import storage_clients
+from merge.errors import InputError, StorageError
+from merge.storage_retry import ShortReadError, disk_full, first_line, is_disk_full, with_retries
 
 
 def is_local(uri: str) -> bool:
@@ -23,7 +30,7 @@ def is_local(uri: str) -> bool:
 
 
 def local_path(uri: str) -> str:
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
 def join(uri: str, *parts: str) -> str:
@@ -32,41 +39,25 @@ def join(uri: str, *parts: str) -> str:
     return posixpath.join(uri.rstrip("/"), *parts)
 
 
-def _s3_filesystem():
-    from pyarrow import fs as pafs
-
-    kwargs: dict = {"allow_bucket_creation": True}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        parsed = urlparse(endpoint)
-        if parsed.scheme:
-            kwargs["scheme"] = parsed.scheme
-            kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
-        else:
-            kwargs["endpoint_override"] = endpoint
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        kwargs["region"] = region
-    return pafs.S3FileSystem(**kwargs)
-
-
 def resolve(uri: str):
-    """Return ``(pyarrow FileSystem, path)`` for a URI. Local paths get a LocalFileSystem."""
+    """Return ``(pyarrow FileSystem, path)`` for a URI. Local paths get a LocalFileSystem.
+
+    Remote filesystems are shared: one client per endpoint and credentials in a process."""
     from pyarrow import fs as pafs
 
     parsed = urlparse(uri)
     if is_local(uri):
         return pafs.LocalFileSystem(), os.path.abspath(local_path(uri))
     if parsed.scheme == "s3":
-        return _s3_filesystem(), (parsed.netloc + parsed.path).rstrip("/")
+        return storage_clients.s3_filesystem(), (parsed.netloc + parsed.path).rstrip("/")
     if parsed.scheme == "hf":
         try:
-            from huggingface_hub import HfFileSystem
+            import huggingface_hub  # noqa: F401
         except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
             raise InputError("reading hf:// needs huggingface_hub: pip install huggingface_hub") from exc
-        return pafs.PyFileSystem(pafs.FSSpecHandler(HfFileSystem())), (parsed.netloc + parsed.path).rstrip("/")
+        return storage_clients.hf_filesystem(), (parsed.netloc + parsed.path).rstrip("/")
     try:
-        return pafs.FileSystem.from_uri(uri)
+        return storage_clients.generic_filesystem(uri)
     except Exception as exc:
         raise InputError(f"cannot open {uri!r}: {exc}. Use a local path, s3://, gs://, hdfs:// or hf://") from exc
 
@@ -74,7 +65,7 @@ def resolve(uri: str):
 class RangeReader:
     """Random access to one file; opened once, read by byte range many times."""
 
-    def __init__(self, store: "Store", rel: str) -> None:
+    def __init__(self, store: Store, rel: str) -> None:
         self.name = store.describe(rel)
         self._fd: int | None = None
         self._file = None
@@ -87,17 +78,46 @@ class RangeReader:
                 raise InputError(f"cannot open {self.name}: {exc}") from exc
             self.size = os.fstat(self._fd).st_size
         else:
+            self._fs, self._path = store.fs, store.path(rel)
             try:
-                self._file = store.fs.open_input_file(store.path(rel))
+                self.size = with_retries(self.name, "open", self._open)
             except FileNotFoundError as exc:
                 raise InputError(f"{self.name} does not exist") from exc
-            except OSError as exc:
-                raise InputError(f"cannot open {self.name}: {exc}") from exc
-            self.size = self._file.size()
+
+    def _open(self) -> int:
+        self._file = self._fs.open_input_file(self._path)
+        return self._file.size()
+
+    def _read_remote(self, offset: int, length: int) -> bytes:
+        def once() -> bytes:
+            if self._file is None:
+                self._open()
+            try:
+                data = self._file.read_at(length, offset)
+            except OSError:
+                self._drop()  # a stream whose connection died is not reused
+                raise
+            if len(data) != length:
+                self._drop()
+                raise ShortReadError(f"short read ({len(data)} of {length} bytes at {offset})")
+            return data if isinstance(data, bytes) else bytes(data)
+
+        return with_retries(self.name, f"read {length} bytes at {offset} of", once)
+
+    def _drop(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
 
     def read_at(self, offset: int, length: int) -> bytes:
         if offset < 0 or offset + length > self.size:
-            raise InputError(f"{self.name}: read of {length} bytes at {offset} is past its end ({self.size} bytes); the file is truncated")
+            raise InputError(
+                f"{self.name}: read of {length} bytes at {offset} is past its end ({self.size} bytes); "
+                "the file is truncated"
+            )
         if self._fd is not None:
             data = os.pread(self._fd, length, offset)
             # pread may return short reads on some filesystems; finish them.
@@ -107,16 +127,16 @@ class RangeReader:
                     raise InputError(f"{self.name}: unexpected end of file at {offset + len(data)}")
                 data += more
             return data
-        data = self._file.read_at(length, offset)
-        if len(data) != length:
-            raise InputError(f"{self.name}: short read ({len(data)} of {length} bytes at {offset})")
-        return bytes(data) if not isinstance(data, bytes) else data
+        return self._read_remote(offset, length)
 
     def readinto_at(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` from ``offset`` (no intermediate copy for local files)."""
         length = len(buf)
         if offset < 0 or offset + length > self.size:
-            raise InputError(f"{self.name}: read of {length} bytes at {offset} is past its end ({self.size} bytes); the file is truncated")
+            raise InputError(
+                f"{self.name}: read of {length} bytes at {offset} is past its end ({self.size} bytes); "
+                "the file is truncated"
+            )
         if self._fd is not None:
             done = 0
             while done < length:
@@ -132,10 +152,9 @@ class RangeReader:
             os.close(self._fd)
             self._fd = None
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            self._drop()
 
-    def __enter__(self) -> "RangeReader":
+    def __enter__(self) -> RangeReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -163,14 +182,17 @@ class Store:
     def describe(self, rel: str = "") -> str:
         return join(self.uri, rel) if rel else self.uri
 
-    def child(self, rel: str) -> "Store":
+    def child(self, rel: str) -> Store:
         return Store(join(self.uri, rel))
+
+    def _retry(self, rel: str, action: str, fn):
+        return with_retries(self.describe(rel), action, fn)
 
     # -- reading ------------------------------------------------------------------------------
     def _info(self, rel: str):
         from pyarrow import fs as pafs
 
-        info = self.fs.get_file_info(self.path(rel))
+        info = self._retry(rel, "look up", lambda: self.fs.get_file_info(self.path(rel)))
         return info if info.type != pafs.FileType.NotFound else None
 
     def exists(self, rel: str = "") -> bool:
@@ -210,10 +232,18 @@ class Store:
             if self.local:
                 with open(self.path(rel), "rb") as fh:
                     return fh.read()
-            with self.fs.open_input_stream(self.path(rel)) as fh:
-                return fh.read()
+            return self._retry(rel, "read", lambda: self._read_remote(rel))
         except FileNotFoundError as exc:
             raise InputError(f"{self.describe(rel)} does not exist") from exc
+
+    def _read_remote(self, rel: str) -> bytes:
+        # open_input_file knows the object's size, so a body cut short is caught and retried
+        with self.fs.open_input_file(self.path(rel)) as fh:
+            size = fh.size()
+            data = fh.read()
+        if len(data) != size:
+            raise ShortReadError(f"short read ({len(data)} of {size} bytes)")
+        return data if isinstance(data, bytes) else bytes(data)
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode("utf-8")
@@ -234,60 +264,105 @@ class Store:
             return sorted(out)
         from pyarrow import fs as pafs
 
+        selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
         try:
-            infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+            infos = self._retry(prefix, "list", lambda: self.fs.get_file_info(selector))
         except FileNotFoundError:
             return []
         root = self.root.rstrip("/") + "/"
         for info in infos:
             if info.type == pafs.FileType.File and info.path.startswith(root):
-                out.append(info.path[len(root):])
+                out.append(info.path[len(root) :])
         return sorted(out)
 
     # -- writing ------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
-        with self.open_writer(rel) as fh:
-            fh.write(data)
+        if self.local:
+            with self.open_writer(rel) as fh:
+                fh.write(data)
+            return
+
+        # The whole object is at hand, so a failed upload is simply made again.
+        def upload() -> None:
+            self._make_parent(rel)
+            stream = self.fs.open_output_stream(self.path(rel))
+            try:
+                stream.write(data)
+                stream.close()
+            except BaseException:
+                self._abandon(rel, stream)
+                raise
+
+        self._retry(rel, "write", upload)
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
+
+    def _make_parent(self, rel: str) -> None:
+        parent = posixpath.dirname(self.path(rel))
+        if parent:
+            self.fs.create_dir(parent, recursive=True)
+
+    def _abandon(self, rel: str, stream) -> None:
+        """Close a failed upload and remove whatever part of it was published."""
+        try:
+            stream.close()
+        except Exception:  # noqa: BLE001 - the upload already failed; its own error is the one to report
+            pass
+        try:
+            self.delete(rel)
+        except Exception:  # noqa: BLE001 - best effort; an incomplete object is never committed anyway
+            pass
 
     @contextmanager
     def open_writer(self, rel: str) -> Iterator:
         """A writable stream whose file appears only when the block ends without an error.
 
-        Local files are written to a temporary name and renamed. Object stores publish the
-        object when the stream closes; on an error the partial object is deleted.
+        Local files are written to a temporary name and renamed; a full disk ends in a
+        ``DiskFullError`` and leaves nothing behind. Object stores publish the object when the
+        stream closes; on an error the partial object is deleted. A stream cannot be replayed,
+        so here each HTTP request is retried (by the AWS SDK) but not the whole upload: a
+        caller that can produce its bytes again uses ``write_bytes`` or retries itself.
         """
         target = self.path(rel)
         if self.local:
-            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
             tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-            fh = open(tmp, "wb", buffering=1 << 20)
+            try:
+                os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
+                fh = open(tmp, "wb", buffering=1 << 20)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    raise disk_full(self.describe(rel), exc) from exc
+                raise
             try:
                 yield fh
                 fh.close()
                 os.replace(tmp, target)
-            except BaseException:
-                fh.close()
+            except BaseException as exc:
+                try:
+                    fh.close()
+                except OSError:  # flushing into a full disk fails again; the file goes anyway
+                    pass
                 try:
                     os.unlink(tmp)
                 except FileNotFoundError:
                     pass
+                if is_disk_full(exc):
+                    raise disk_full(self.describe(rel), exc) from exc
                 raise
             return
-        parent = posixpath.dirname(target)
-        if parent:
-            self.fs.create_dir(parent, recursive=True)
-        stream = self.fs.open_output_stream(target)
+        self._retry(rel, "create the folder of", lambda: self._make_parent(rel))
+        stream = self._retry(rel, "open for writing", lambda: self.fs.open_output_stream(target))
         try:
             yield stream
             stream.close()
-        except BaseException:
-            try:
-                stream.close()
-            finally:
-                self.delete(rel)
+        except BaseException as exc:
+            self._abandon(rel, stream)
+            if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+                raise StorageError(
+                    f"cannot write {self.describe(rel)}: {first_line(exc)}. Check that the storage "
+                    f"endpoint is reachable and healthy, then rerun"
+                ) from exc
             raise
 
     def delete(self, rel: str) -> None:
@@ -295,6 +370,6 @@ class Store:
             if self.local:
                 os.unlink(self.path(rel))
             else:
-                self.fs.delete_file(self.path(rel))
+                self._retry(rel, "delete", lambda: self.fs.delete_file(self.path(rel)))
         except FileNotFoundError:
             pass

@@ -19,18 +19,23 @@ if not, the token is appended to the output vocabulary (the output tokenizer gai
 added token with the chat model's flags, the embedding matrices grow by a row, using CP
 padding rows first when the CP matrix is larger than its tokenizer).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
-
-if TYPE_CHECKING:
-    from merge.checkpoint import Checkpoint
 
 # name endings of tensors that hold one row per token
 VOCAB_SUFFIXES = (
-    "embed_tokens.weight", "lm_head.weight", "wte.weight", "word_embeddings.weight",
-    "embed_in.weight", "embed_out.weight", "tok_embeddings.weight", "output.weight", "shared.weight",
+    "embed_tokens.weight",
+    "lm_head.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+    "embed_out.weight",
+    "tok_embeddings.weight",
+    "output.weight",
+    "shared.weight",
 )
 
 Run = tuple[int, int, int]  # (dst_row, src_row, n)
@@ -38,32 +43,6 @@ Run = tuple[int, int, int]  # (dst_row, src_row, n)
 
 def is_vocab_tensor(name: str) -> bool:
     return name.endswith(VOCAB_SUFFIXES)
-
-
-def read_tokens(ckpt: "Checkpoint") -> list[str | None]:
-    """id -> token string from tokenizer.json (any model type) or vocab.json + added_tokens.json."""
-    id2tok: dict[int, str] = {}
-    doc = ckpt.read_json("tokenizer.json")
-    if doc is not None:
-        vocab = (doc.get("model") or {}).get("vocab")
-        if isinstance(vocab, dict):
-            id2tok.update({int(i): t for t, i in vocab.items()})
-        elif isinstance(vocab, list):  # Unigram: [[token, score], ...]
-            id2tok.update({i: (e[0] if isinstance(e, list) else e) for i, e in enumerate(vocab)})
-        for added in doc.get("added_tokens") or []:
-            id2tok[int(added["id"])] = added["content"]
-    else:
-        vocab = ckpt.read_json("vocab.json")
-        if isinstance(vocab, dict):
-            id2tok.update({int(i): t for t, i in vocab.items()})
-            for t, i in (ckpt.read_json("added_tokens.json") or {}).items():
-                id2tok[int(i)] = t
-    if not id2tok:
-        return []
-    tokens: list[str | None] = [None] * (max(id2tok) + 1)
-    for i, t in id2tok.items():
-        tokens[i] = t
-    return tokens
 
 
 def first_mismatch(a: list[str | None], b: list[str | None], upto: int) -> int | None:
@@ -106,7 +85,11 @@ class TauRows:
 
 
 def pair_base_chat(
-    base_rows: int, chat_rows: int, base_tokens: list | None, chat_tokens: list | None, policy: str | None,
+    base_rows: int,
+    chat_rows: int,
+    base_tokens: list | None,
+    chat_tokens: list | None,
+    policy: str | None,
 ) -> TauRows | str:
     """Pair chat rows with base rows; a string is a problem description."""
     if base_rows == chat_rows:
@@ -122,7 +105,9 @@ def pair_base_chat(
                 f"{base_tokens[bad]!r} and chat has {chat_tokens[bad]!r}; use --embeddings by-token"
             )
         raw = [(r, 1) for r in range(shared, chat_rows) if r < len(chat_tokens) and chat_tokens[r] is not None]
-        return TauRows(chat_rows, [(0, 0, shared)] if shared else [], [tuple(x) for x in compress((r,) for r, _ in raw)])
+        return TauRows(
+            chat_rows, [(0, 0, shared)] if shared else [], [tuple(x) for x in compress((r,) for r, _ in raw)]
+        )
     base_ids = _index(base_tokens, base_rows)
     pairs, raw = [], []
     for r in range(min(chat_rows, len(chat_tokens))):

@@ -1,4 +1,5 @@
 """Load YAML into pydantic models with errors that name the key and the line."""
+
 from __future__ import annotations
 
 from typing import Any, TypeVar
@@ -85,9 +86,10 @@ def _data_path(data: Any, loc: tuple) -> tuple:
 
 def load_model(path: str, model: type[M]) -> M:
     """Read a YAML file (local path or any storage URI) into `model`."""
-    from merge.storage import Store, is_local, local_path
     import os
     import posixpath
+
+    from merge.storage import Store, is_local, local_path
 
     if is_local(path):
         p = local_path(path)

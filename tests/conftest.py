@@ -1,4 +1,5 @@
 """Session-wide services for the tests: one real local Ray and one real S3 server on loopback."""
+
 from __future__ import annotations
 
 import os
@@ -21,6 +22,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Ray reads its auth mode once per process, when something first touches its config: importing
+# vllm does (at collection, in the vLLM test modules), so the mode must be set before that, not
+# only in the session fixture below; the token itself is read when Ray starts.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def free_port() -> int:
@@ -52,8 +57,10 @@ class S3Server:
 
         name = name or f"b{uuid.uuid4().hex[:12]}"
         s3 = pafs.S3FileSystem(
-            endpoint_override=self.endpoint.split("://", 1)[1], scheme="http",
-            region="us-east-1", allow_bucket_creation=True,
+            endpoint_override=self.endpoint.split("://", 1)[1],
+            scheme="http",
+            region="us-east-1",
+            allow_bucket_creation=True,
         )
         s3.create_dir(name)
         return f"s3://{name}"

@@ -1,5 +1,6 @@
 """An independent float64 reference for merge tests: loads checkpoints with safetensors + torch
 (not chatvec's reader) and computes CP + sum(ratio * (chat - base)) in float64."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,9 @@ def load_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
 
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    )
     out: dict[str, torch.Tensor] = {}
     for f in files:
         out.update(load_file(str(folder / f)))
@@ -27,7 +30,7 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     p = MANTISSA_BITS[dtype]
     _m, e = torch.frexp(x.abs().to(torch.float64))
     tiny = torch.finfo(dtype).tiny
-    return torch.clamp(torch.pow(2.0, (e - 1 - p).to(torch.float64)), min=tiny * 2.0 ** -p)
+    return torch.clamp(torch.pow(2.0, (e - 1 - p).to(torch.float64)), min=tiny * 2.0**-p)
 
 
 def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor, name: str = "") -> None:
@@ -38,9 +41,11 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, magnitude: t
     """
     assert out.shape == ref.shape, (name, out.shape, ref.shape)
     o = out.to(torch.float64)
-    err = 4 * 2.0 ** -24 * magnitude + ulp(ref.abs() + 4 * 2.0 ** -24 * magnitude, out.dtype)
+    err = 4 * 2.0**-24 * magnitude + ulp(ref.abs() + 4 * 2.0**-24 * magnitude, out.dtype)
     bad = (o - ref).abs() > err
-    assert not bool(bad.any()), f"{name}: {int(bad.sum())} of {o.numel()} elements off, worst {float(((o - ref).abs() - err).max())}"
+    assert not bool(bad.any()), (
+        f"{name}: {int(bad.sum())} of {o.numel()} elements off, worst {float(((o - ref).abs() - err).max())}"
+    )
 
 
 def reference_merge(cp: dict, vectors: list[tuple[float, dict, dict]], dtype: torch.dtype | None = None):

@@ -1,10 +1,10 @@
 """The Ray-distributed merge: right numbers through 2 actors (local folder and S3), logical-GPU
 placement, cached recipes, and refusing a second merge into the same output."""
+
 from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ def build_small_triple(root: Path):
     return build_triple(root, "llama", seed=3, shard_size="50KB")
 
 
-def make_plan(triple, *, ratio: float = RATIO, shard_size: str = "50KB", inputs: dict | None = None):
+def make_plan(triple, *, ratio: float = RATIO, shard_size: str | int = "50KB", inputs: dict | None = None):
     from merge.plan import build_plan
     from merge.recipe import Recipe, VectorSpec
     from merge.units import parse_size
@@ -80,8 +80,7 @@ def triple(tmp_path_factory):
 
 def test_two_actors_on_logical_gpus_give_the_reference_numbers(ray_cluster, triple, tmp_path, caplog):
     out = str(tmp_path / "merged")
-    merge = DistributedMerge(make_plan(triple), out, workers=2, config=make_config(gpus_per_worker=1),
-                             device="auto")
+    merge = DistributedMerge(make_plan(triple), out, workers=2, config=make_config(gpus_per_worker=1), device="auto")
     summary = merge.run()
     assert not summary.cached and summary.shards_resumed == 0
     assert summary.shards_written == len(merge.plan.shards) > 2
@@ -101,10 +100,18 @@ def test_two_actors_on_logical_gpus_give_the_reference_numbers(ray_cluster, trip
 
 def test_s3_inputs_and_output_through_two_actors(ray_cluster, s3_server, triple):
     bucket = s3_server.make_bucket()
-    inputs = {role: s3_server.upload_dir(getattr(triple, role), f"{bucket}/in/{role}") for role in ("cp", "base", "chat")}
+    inputs = {
+        role: s3_server.upload_dir(getattr(triple, role), f"{bucket}/in/{role}") for role in ("cp", "base", "chat")
+    }
     out = f"{bucket}/models/merged"
-    summary = run_distributed(make_plan(triple, inputs=inputs), out, workers=2,
-                              config=make_config(gpus_per_worker=0), device="cpu", overwrite=False)
+    summary = run_distributed(
+        make_plan(triple, inputs=inputs),
+        out,
+        workers=2,
+        config=make_config(gpus_per_worker=0),
+        device="cpu",
+        overwrite=False,
+    )
     assert summary.shards_written > 2 and not summary.cached
     assert Store(out).is_file("model.safetensors.index.json")
     assert_matches_reference(out, triple, ratio=RATIO)
@@ -145,7 +152,30 @@ def test_second_merge_into_the_same_output_is_refused(ray_cluster, triple, tmp_p
 def test_more_gpus_per_actor_than_the_cluster_has_is_a_config_error(ray_cluster, triple, tmp_path):
     out = tmp_path / "merged"
     with pytest.raises(ConfigError, match="gpus_per_worker"):
-        run_distributed(make_plan(triple), str(out), workers=2, config=make_config(gpus_per_worker=4),
-                        device="auto", overwrite=False)
+        run_distributed(
+            make_plan(triple),
+            str(out),
+            workers=2,
+            config=make_config(gpus_per_worker=4),
+            device="auto",
+            overwrite=False,
+        )
     assert not (out / "model.safetensors.index.json").exists()
     assert not Store(str(out)).exists(".chatvec/lock.json")
+
+
+def test_two_shards_on_two_actors_go_to_both(ray_cluster, triple, tmp_path):
+    total = make_plan(triple, shard_size="100MB").total_bytes
+    plan = make_plan(triple, shard_size=total * 6 // 10)
+    assert len(plan.shards) == 2
+    out = str(tmp_path / "merged")
+    summary = run_distributed(
+        plan, out, workers=2, config=make_config(gpus_per_worker=0), device="cpu", overwrite=False
+    )
+    manifest = json.loads(Store(out).read_text("chatvec_manifest.json"))
+    writers = [manifest["files"][s.filename]["written_by"] for s in plan.shards]
+    assert all(w.startswith("merge actor ") for w in writers)
+    assert len(set(writers)) == 2, writers
+    assert sorted(summary.bytes_by_worker.values()) == sorted(s.nbytes for s in plan.shards)
+    assert "bytes per worker: merge actor 0" in summary.line()
+    assert_matches_reference(out, triple, ratio=RATIO)

@@ -1,4 +1,5 @@
 """The output lock: one writer per output location, and a crashed writer's lock does not last."""
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,9 @@ def test_expired_lock_is_taken_over(tmp_path):
     out = tmp_path / "out"
     (out / ".chatvec").mkdir(parents=True)
     old = time.time() - 3600
-    stale = LockInfo(owner="x" * 32, host="elsewhere", pid=1, pid_start="", purpose="merge",
-                     created=old, heartbeat=old, ttl_s=600)
+    stale = LockInfo(
+        owner="x" * 32, host="elsewhere", pid=1, pid_start="", purpose="merge", created=old, heartbeat=old, ttl_s=600
+    )
     (out / LOCK_FILE).write_bytes(stale.dump())
     with OutputLock(str(out)) as lock:
         assert Store(str(out)).read_bytes(LOCK_FILE) == lock.info.dump()
@@ -72,8 +74,9 @@ def test_fresh_lock_from_another_host_is_respected(tmp_path):
     out = tmp_path / "out"
     (out / ".chatvec").mkdir(parents=True)
     now = time.time()
-    other = LockInfo(owner="y" * 32, host="elsewhere", pid=1, pid_start="", purpose="merge",
-                     created=now, heartbeat=now, ttl_s=600)
+    other = LockInfo(
+        owner="y" * 32, host="elsewhere", pid=1, pid_start="", purpose="merge", created=now, heartbeat=now, ttl_s=600
+    )
     (out / LOCK_FILE).write_bytes(other.dump())
     with pytest.raises(OutputLockedError, match="host elsewhere"):
         OutputLock(str(out)).acquire()
@@ -89,8 +92,9 @@ def test_lock_of_a_killed_process_on_this_host_is_taken_at_once(tmp_path):
         "print('locked', flush=True)\n"
         "time.sleep(600)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     try:
         assert proc.stdout.readline().strip() == b"locked"
         with pytest.raises(OutputLockedError):
@@ -125,8 +129,16 @@ def test_lost_lock_blocks_the_commit(tmp_path):
     lock = OutputLock(str(out), ttl_s=600).acquire()
     try:
         now = time.time()
-        thief = LockInfo(owner="z" * 32, host="elsewhere", pid=7, pid_start="", purpose="merge",
-                         created=now, heartbeat=now, ttl_s=600)
+        thief = LockInfo(
+            owner="z" * 32,
+            host="elsewhere",
+            pid=7,
+            pid_start="",
+            purpose="merge",
+            created=now,
+            heartbeat=now,
+            ttl_s=600,
+        )
         (out / LOCK_FILE).write_bytes(thief.dump())
         with pytest.raises(OutputLockedError, match="not committing"):
             lock.check()

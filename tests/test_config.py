@@ -1,4 +1,5 @@
 """ray_config.yaml: defaults, validation errors that name the key and line, and CLI overrides."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -72,7 +73,8 @@ def test_cli_reports_bad_config_without_traceback(tmp_path):
     bad = tmp_path / "c.yaml"
     bad.write_text("merge:\n  workers: many\n")
     result = CliRunner().invoke(
-        cli, ["merge", "--config", str(bad), "--cp", str(tmp_path), "--vector", str(tmp_path), "--out", str(tmp_path / "o")]
+        cli,
+        ["merge", "--config", str(bad), "--cp", str(tmp_path), "--vector", str(tmp_path), "--out", str(tmp_path / "o")],
     )
     assert result.exit_code != 0
     assert isinstance(result.exception, (ConfigError, SystemExit))

@@ -1,4 +1,5 @@
 """Benchmark specs and data files: shipped samples, user files, and clear errors for bad ones."""
+
 from __future__ import annotations
 
 import json
@@ -8,17 +9,20 @@ import pyarrow.parquet as pq
 import pytest
 
 from eval.benchmarks import BenchmarkSpec, parse_benchmark, resolve_benchmarks, shipped_benchmarks
+from eval.errors import BenchmarkDataError
 from eval.items import load_items
 from eval.kinds import get_kind, kind_names
 from eval.runner import plan_cells
-from merge.errors import BenchmarkDataError, ConfigError, InputError
+from merge.errors import ConfigError, InputError
 
 LANGS = {"en", "zh-Hant", "zh-Hans", "ko", "ja"}
 
 
 def write_jsonl(path, records):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records),
-                    encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records),
+        encoding="utf-8",
+    )
     return str(path)
 
 
@@ -53,12 +57,15 @@ def test_user_benchmark_spec_string(tmp_path):
     assert [c.key for c in cells] == ["a/ko/mine", "a/ko/choice", "b/ko/mine", "b/ko/choice"]
 
 
-@pytest.mark.parametrize("arg, match", [
-    ("mine=data.jsonl:chat", "NAME=SOURCE:KIND:LANGUAGE"),
-    ("mine=data.jsonl:riddle:ko", "unknown benchmark kind 'riddle'"),
-    ("my bench=data.jsonl:chat:ko", "not a valid name"),
-    ("nonexistent", "unknown benchmark 'nonexistent'"),
-])
+@pytest.mark.parametrize(
+    "arg, match",
+    [
+        ("mine=data.jsonl:chat", "NAME=SOURCE:KIND:LANGUAGE"),
+        ("mine=data.jsonl:riddle:ko", "unknown benchmark kind 'riddle'"),
+        ("my bench=data.jsonl:chat:ko", "not a valid name"),
+        ("nonexistent", "unknown benchmark 'nonexistent'"),
+    ],
+)
 def test_bad_benchmark_args(arg, match):
     with pytest.raises(InputError, match=match):
         resolve_benchmarks([arg])
@@ -92,7 +99,9 @@ def test_yaml_benchmark_file_with_field_mapping(tmp_path):
 
 
 def test_parquet_source(tmp_path):
-    table = pa.table({"id": ["q1", "q2"], "question": ["Q1", "Q2"], "choices": [["a", "b"], ["c", "d"]], "answer": [0, 1]})
+    table = pa.table(
+        {"id": ["q1", "q2"], "question": ["Q1", "Q2"], "choices": [["a", "b"], ["c", "d"]], "answer": [0, 1]}
+    )
     pq.write_table(table, tmp_path / "c.parquet")
     (spec,) = parse_benchmark(f"pq={tmp_path / 'c.parquet'}:choice:en")
     assert [i["id"] for i in load_items(spec, "en")] == ["q1", "q2"]
@@ -109,15 +118,22 @@ def test_missing_field_names_file_line_and_field(tmp_path):
     assert "line 1" not in msg
 
 
-@pytest.mark.parametrize("records, kind, expected", [
-    (['{"question": "a"}', '{"question": "b"'], "chat", "line 2: not valid JSON"),
-    ([{"id": 1, "text": "a"}, {"id": 1, "text": "b"}], "perplexity", "line 2: id '1' repeats the id of line 1"),
-    ([{"question": "q", "choices": ["a", "b"], "answer": 2}], "choice", "field 'answer' (2) does not name one of the 2 choices"),
-    ([{"question": "q", "choices": ["a"], "answer": 0}], "choice", "at least two non-empty strings"),
-    ([{"turns": ["only one"]}], "multiturn", "at least two strings"),
-    (["[1, 2]"], "perplexity", "line 1: expected a JSON object, got list"),
-    ([], "safety", "no items"),
-])
+@pytest.mark.parametrize(
+    "records, kind, expected",
+    [
+        (['{"question": "a"}', '{"question": "b"'], "chat", "line 2: not valid JSON"),
+        ([{"id": 1, "text": "a"}, {"id": 1, "text": "b"}], "perplexity", "line 2: id '1' repeats the id of line 1"),
+        (
+            [{"question": "q", "choices": ["a", "b"], "answer": 2}],
+            "choice",
+            "field 'answer' (2) does not name one of the 2 choices",
+        ),
+        ([{"question": "q", "choices": ["a"], "answer": 0}], "choice", "at least two non-empty strings"),
+        ([{"turns": ["only one"]}], "multiturn", "at least two strings"),
+        (["[1, 2]"], "perplexity", "line 1: expected a JSON object, got list"),
+        ([], "safety", "no items"),
+    ],
+)
 def test_bad_files(tmp_path, records, kind, expected):
     path = write_jsonl(tmp_path / "bad.jsonl", records)
     with pytest.raises(BenchmarkDataError, match=expected.replace("(", r"\(").replace(")", r"\)")):
@@ -152,7 +168,9 @@ def test_hugging_face_dataset_source(tmp_path):
     folder = tmp_path / "my_dataset"
     folder.mkdir()
     write_jsonl(folder / "test.jsonl", [{"instruction": "Say hi"}, {"instruction": "Say bye"}])
-    spec = BenchmarkSpec(name="hfds", kind="chat", data={"en": f"dataset:{folder}@test"}, fields={"question": "instruction"})
+    spec = BenchmarkSpec(
+        name="hfds", kind="chat", data={"en": f"dataset:{folder}@test"}, fields={"question": "instruction"}
+    )
     assert [i["question"] for i in load_items(spec, "en")] == ["Say hi", "Say bye"]
     with pytest.raises(InputError, match="cannot load dataset"):
         load_items(BenchmarkSpec(name="x", kind="chat", data={"en": f"dataset:{tmp_path / 'none'}"}), "en")

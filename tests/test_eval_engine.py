@@ -1,4 +1,5 @@
 """The hf engine and the kinds that score log-likelihoods, checked against transformers directly."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,13 @@ from eval.results import Cell  # noqa: E402
 from eval.runner import ModelEvaluator, RunSettings  # noqa: E402
 from merge.errors import InputError  # noqa: E402
 
-QUESTIONS = ["hello", "Why is the sky blue? Explain briefly.", "今天天氣很好嗎？", "오늘 날씨가 좋네요. 공원에 갈까요?", "今日は何曜日ですか。"]
+QUESTIONS = [
+    "hello",
+    "Why is the sky blue? Explain briefly.",
+    "今天天氣很好嗎？",
+    "오늘 날씨가 좋네요. 공원에 갈까요?",
+    "今日は何曜日ですか。",
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +60,10 @@ def ref_logprob(model, ids: list[int], n: int) -> float:
 
 def test_batched_generation_equals_one_at_a_time(engine):
     prompts = Prompts(engine.tokenizer)
-    reqs = [GenerationRequest(prompts.chat_ids(prompts.conversation([("user", q)]))[1], Decoding(max_new_tokens=10))
-            for q in QUESTIONS]
+    reqs = [
+        GenerationRequest(prompts.chat_ids(prompts.conversation([("user", q)]))[1], Decoding(max_new_tokens=10))
+        for q in QUESTIONS
+    ]
     batched = engine.generate(reqs)
     engine.batch_size = 1
     try:
@@ -75,7 +84,7 @@ def test_generation_is_greedy_and_stops_at_eos(engine, reference):
     with torch.no_grad():
         for _ in range(8):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    greedy = seq[len(ids):]
+    greedy = seq[len(ids) :]
     (gen,) = engine.generate([GenerationRequest(ids, Decoding(max_new_tokens=8))])
     assert gen.text == engine.tokenizer.decode(greedy, skip_special_tokens=True)
     # make the 4th greedy token the end-of-sequence token: generation must stop there
@@ -92,8 +101,12 @@ def test_generation_is_greedy_and_stops_at_eos(engine, reference):
 
 def test_loglikelihood_matches_transformers(engine, reference):
     model, tok = reference
-    reqs = [LoglikelihoodRequest(tok(q, add_special_tokens=True)["input_ids"], tok(" an answer", add_special_tokens=False)["input_ids"])
-            for q in QUESTIONS]
+    reqs = [
+        LoglikelihoodRequest(
+            tok(q, add_special_tokens=True)["input_ids"], tok(" an answer", add_special_tokens=False)["input_ids"]
+        )
+        for q in QUESTIONS
+    ]
     got = engine.loglikelihood(reqs)
     for r, g in zip(reqs, got):
         want = ref_logprob(model, r.context_ids + r.continuation_ids, len(r.continuation_ids))
@@ -102,8 +115,15 @@ def test_loglikelihood_matches_transformers(engine, reference):
 
 
 def run_cell(model_dir, spec: BenchmarkSpec, language: str, tmp_path) -> list[dict]:
-    ev = ModelEvaluator("m", model_dir, out_uri=str(tmp_path / "out"), run_id="t", languages=[language],
-                        settings=RunSettings(device="cpu", batch_size=3), judge=False)
+    ev = ModelEvaluator(
+        "m",
+        model_dir,
+        out_uri=str(tmp_path / "out"),
+        run_id="t",
+        languages=[language],
+        settings=RunSettings(device="cpu", batch_size=3),
+        judge=False,
+    )
     try:
         ev.load()
         return ev._rows(Cell("m", language, spec.name, spec))
@@ -120,8 +140,9 @@ def test_choice_accuracy_against_independent_loglikelihoods(model_dir, reference
     items = load_items(spec, language)
     correct = correct_norm = 0
     for item in items:
-        context = tok.apply_chat_template([{"role": "user", "content": item["question"]}], tokenize=False,
-                                          add_generation_prompt=True)
+        context = tok.apply_chat_template(
+            [{"role": "user", "content": item["question"]}], tokenize=False, add_generation_prompt=True
+        )
         ctx_ids = tok(context, add_special_tokens=False)["input_ids"]
         lps = []
         for choice in item["choices"]:
@@ -209,8 +230,13 @@ def test_repetition_penalty_does_not_see_the_padding(engine):
     """Batched generation with a repetition penalty equals one request at a time, even when the
     pad token is one the model generates (models that pad with eos are common)."""
     prompts = Prompts(engine.tokenizer)
-    reqs = [GenerationRequest(prompts.chat_ids(prompts.conversation([("user", q)]))[1],
-                              Decoding(max_new_tokens=12, repetition_penalty=5.0)) for q in QUESTIONS]
+    reqs = [
+        GenerationRequest(
+            prompts.chat_ids(prompts.conversation([("user", q)]))[1],
+            Decoding(max_new_tokens=12, repetition_penalty=5.0),
+        )
+        for q in QUESTIONS
+    ]
     assert len({len(r.prompt_ids) for r in reqs}) > 1, "prompts of different lengths are needed for padding"
     saved_pad, saved_batch = engine.pad_id, engine.batch_size
     try:
@@ -218,8 +244,9 @@ def test_repetition_penalty_does_not_see_the_padding(engine):
         single = engine.generate(reqs)
         # pad with a token the model generates but no prompt holds, so a penalty on padding shows
         in_prompts = {t for r in reqs for t in r.prompt_ids}
-        generated = [t for g in single for t in engine.tokenizer.encode(g.text, add_special_tokens=False)
-                     if t not in in_prompts]
+        generated = [
+            t for g in single for t in engine.tokenizer.encode(g.text, add_special_tokens=False) if t not in in_prompts
+        ]
         assert generated, "the test needs a generated token that no prompt holds"
         engine.pad_id = max(set(generated), key=generated.count)
         engine.batch_size = len(reqs)
@@ -227,3 +254,23 @@ def test_repetition_penalty_does_not_see_the_padding(engine):
     finally:
         engine.pad_id, engine.batch_size = saved_pad, saved_batch
     assert [g.text for g in batched] == [g.text for g in single]
+
+
+def test_a_long_prompt_does_not_shorten_the_others_budgets(engine):
+    """Each request's window is fitted on its own: a long prompt in the same batch shortens its own
+    answer only (it used to give every request of its batch the longest prompt's budget)."""
+    prompts = Prompts(engine.tokenizer)
+    saved = engine._max_length
+    engine._max_length = 64
+    try:
+        dec = Decoding(max_new_tokens=40)  # more than half the window: a long prompt keeps 32 and gets 32
+        item = GenerationRequest(prompts.chat_ids(prompts.conversation([("user", QUESTIONS[0])]))[1], dec)
+        long_prompt = GenerationRequest(prompts.encode("The quick brown fox jumps over the lazy dog. " * 8), dec)
+        assert len(long_prompt.prompt_ids) > 64 and len(item.prompt_ids) < 24
+        (alone,) = engine.generate([item])
+        together = engine.generate([long_prompt, item])
+    finally:
+        engine._max_length = saved
+    assert (together[1].text, together[1].completion_tokens) == (alone.text, alone.completion_tokens)
+    assert alone.completion_tokens == 40 or alone.finished
+    assert together[0].prompt_tokens == 32 and together[0].completion_tokens <= 32

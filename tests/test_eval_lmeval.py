@@ -1,4 +1,5 @@
 """The lm-eval adapter on local task files (skipped without lm-evaluation-harness installed)."""
+
 from __future__ import annotations
 
 import json
@@ -53,20 +54,27 @@ metric_list:
 
 def test_lm_eval_tasks_run_on_our_engine(tmp_path):
     data = tmp_path / "items.jsonl"
-    items = [{"question": "Which planet is closest to the Sun?", "choices": ["Venus", "Mercury"], "answer": 1},
-             {"question": "How many days are in a leap year?", "choices": ["365", "366"], "answer": 1},
-             {"question": "What do plants take in?", "choices": ["carbon dioxide", "helium"], "answer": 0}]
+    items = [
+        {"question": "Which planet is closest to the Sun?", "choices": ["Venus", "Mercury"], "answer": 1},
+        {"question": "How many days are in a leap year?", "choices": ["365", "366"], "answer": 1},
+        {"question": "What do plants take in?", "choices": ["carbon dioxide", "helium"], "answer": 0},
+    ]
     data.write_text("".join(json.dumps(i) + "\n" for i in items))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     for i, doc in enumerate(TASKS.format(data=data).split("---")):
         (tasks / f"t{i}.yaml").write_text(doc)
     model = str(build_model_dir(tmp_path / "m", seed=5, shard_size=None))
-    spec = BenchmarkSpec(name="harness", kind="lm-eval", data={"en": "chatvec_tiny_choice,chatvec_tiny_gen"},
-                         options={"include_path": str(tasks)})
+    spec = BenchmarkSpec(
+        name="harness",
+        kind="lm-eval",
+        data={"en": "chatvec_tiny_choice,chatvec_tiny_gen"},
+        options={"include_path": str(tasks)},
+    )
     out = str(tmp_path / "out")
-    outcome = run_in_process({"m": model}, benchmarks=[spec], out_uri=out, settings=RunSettings(device="cpu"),
-                             show_progress=False)
+    outcome = run_in_process(
+        {"m": model}, benchmarks=[spec], out_uri=out, settings=RunSettings(device="cpu"), show_progress=False
+    )
     assert outcome.ok, [r.error for r in outcome.failed]
     summary = {(r["metric"]): r for r in outcome.summary.to_pylist()}
     assert summary["acc"]["n"] == 3 and summary["acc_norm"]["n"] == 3 and summary["exact_match"]["n"] == 3

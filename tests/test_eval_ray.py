@@ -1,4 +1,5 @@
 """The Ray fan-out: eval actors over models, judge actors, failed cells and a dead actor."""
+
 from __future__ import annotations
 
 import threading
@@ -25,15 +26,19 @@ COMMON = dict(device="cpu", max_new_tokens=5, config=CONFIG, show_progress=False
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("raymodels")
-    return {name: str(build_model_dir(root / name, seed=seed, shard_size="50KB")) for name, seed in
-            (("a", 11), ("b", 12), ("c", 13), ("judge", 14))}
+    return {
+        name: str(build_model_dir(root / name, seed=seed, shard_size="50KB"))
+        for name, seed in (("a", 11), ("b", 12), ("c", 13), ("judge", 14))
+    }
 
 
 def rows_by_cell(out: str) -> dict[str, list[tuple]]:
     store = Store(out)
     keep = ("item_id", "metric", "score", "response", "in_language")
-    return {rel: sorted(tuple(r[k] for k in keep) for r in read_table(store, rel).to_pylist())
-            for rel in store.list("samples")}
+    return {
+        rel: sorted(tuple(r[k] for k in keep) for r in read_table(store, rel).to_pylist())
+        for rel in store.list("samples")
+    }
 
 
 def test_actors_load_each_model_once_and_match_the_in_process_run(ray_cluster, models, tmp_path):
@@ -44,8 +49,12 @@ def test_actors_load_each_model_once_and_match_the_in_process_run(ray_cluster, m
     assert on_ray.loads == {uri: 1 for uri in three.values()}
     local = run_eval(three, workers=0, out_uri=str(tmp_path / "local"), run_id="local", **args)
     assert rows_by_cell(str(tmp_path / "ray")) == rows_by_cell(str(tmp_path / "local"))
-    strip = lambda t: sorted((r["model"], r["language"], r["benchmark"], r["metric"], r["value"], r["n"])  # noqa: E731
-                             for r in t.to_pylist())
+
+    def strip(t):
+        return sorted(
+            (r["model"], r["language"], r["benchmark"], r["metric"], r["value"], r["n"]) for r in t.to_pylist()
+        )
+
     assert strip(on_ray.summary) == strip(local.summary)
     # resuming on Ray: nothing left to do, no actor loads anything
     again = run_eval(three, workers=2, out_uri=str(tmp_path / "ray"), **args)
@@ -54,13 +63,24 @@ def test_actors_load_each_model_once_and_match_the_in_process_run(ray_cluster, m
 
 def test_failed_model_cells_are_kept_apart_and_the_judge_actor_scores_the_rest(ray_cluster, models, tmp_path):
     out = str(tmp_path / "out")
-    outcome = run_eval({"a": models["a"], "ghost": str(tmp_path / "missing")}, workers=2, benchmarks=["chat"],
-                       languages=["zh-Hant", "ja"], judge=models["judge"], out_uri=out, **COMMON)
+    outcome = run_eval(
+        {"a": models["a"], "ghost": str(tmp_path / "missing")},
+        workers=2,
+        benchmarks=["chat"],
+        languages=["zh-Hant", "ja"],
+        judge=models["judge"],
+        out_uri=out,
+        **COMMON,
+    )
     assert sorted(r.key for r in outcome.failed) == ["ghost/ja/chat", "ghost/zh-Hant/chat"]
     assert all("does not exist" in r.error for r in outcome.failed)
     assert outcome.loads == {models["a"]: 1, models["judge"]: 1}
-    judged = [r for rel in Store(out).list("samples") for r in read_table(Store(out), rel).to_pylist()
-              if r["metric"] == "judge_score"]
+    judged = [
+        r
+        for rel in Store(out).list("samples")
+        for r in read_table(Store(out), rel).to_pylist()
+        if r["metric"] == "judge_score"
+    ]
     assert len(judged) == 10 and all(r["judge_model"] == models["judge"] for r in judged)
     assert {r["model"] for r in outcome.summary.to_pylist()} == {"a"}
 
@@ -93,8 +113,9 @@ def test_a_dead_actor_fails_only_the_cell_it_was_running(ray_cluster, models, tm
     assert len(outcome.failed) == 1 and "actor died" in outcome.failed[0].error
     done = [r for r in outcome.results if r.state == DONE]
     assert len(done) == 8
-    status = Store(out).read_text(f"status/model=b/language={outcome.failed[0].language}/"
-                                  f"benchmark={outcome.failed[0].benchmark}.json")
+    status = Store(out).read_text(
+        f"status/model=b/language={outcome.failed[0].language}/benchmark={outcome.failed[0].benchmark}.json"
+    )
     assert FAILED in status
     # the next run redoes the failed cell only
     retry = run_eval({"b": models["b"]}, workers=1, **args)
@@ -108,8 +129,16 @@ def test_relative_paths_reach_the_actors(ray_cluster, models, tmp_path, monkeypa
     shutil.copytree(models["c"], tmp_path / "here-model")
     (tmp_path / "qs.jsonl").write_text(json.dumps({"question": "Why?"}) + "\n")
     monkeypatch.chdir(tmp_path)
-    outcome = run_eval({"c": "here-model"}, workers=1, benchmarks=["qs=qs.jsonl:chat:en", "choice"],
-                       languages=["en"], out_uri="rel-out", **COMMON)
+    outcome = run_eval(
+        {"c": "here-model"},
+        workers=1,
+        benchmarks=["qs=qs.jsonl:chat:en", "choice"],
+        languages=["en"],
+        out_uri="rel-out",
+        **COMMON,
+    )
     assert outcome.ok and outcome.loads == {str(tmp_path / "here-model"): 1}
     assert Store(str(tmp_path / "rel-out")).list("samples") == [
-        "samples/model=c/language=en/benchmark=choice.parquet", "samples/model=c/language=en/benchmark=qs.parquet"]
+        "samples/model=c/language=en/benchmark=choice.parquet",
+        "samples/model=c/language=en/benchmark=qs.parquet",
+    ]

@@ -1,5 +1,6 @@
 """`ray job submit ... -- chatvec merge --workers 2 --out s3://...` against a head started with
 `ray start --head`, token authentication on, exactly as the README shows it."""
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, free_port
 from test_cluster_merge import assert_matches_reference, build_small_triple
 
@@ -25,8 +25,13 @@ def _wait_for_head(head: subprocess.Popen, dashboard: int, env: dict, log: Path,
     while time.monotonic() < deadline:
         if head.poll() is not None:
             raise RuntimeError(f"ray start exited with {head.returncode}:\n{log.read_text()[-3000:]}")
-        probe = subprocess.run([RAY, "job", "list", "--address", f"http://127.0.0.1:{dashboard}"],
-                               env=env, capture_output=True, text=True, timeout=60)
+        probe = subprocess.run(
+            [RAY, "job", "list", "--address", f"http://127.0.0.1:{dashboard}"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if probe.returncode == 0:
             return
         time.sleep(1)
@@ -50,15 +55,15 @@ def _stop_head(head: subprocess.Popen) -> None:
         head.wait(timeout=10)
 
 
-@pytest.mark.slow
-def test_ray_job_submit_merges_into_s3_with_token_auth(tmp_path, tmp_path_factory, s3_server):
-    triple = build_small_triple(tmp_path / "models")
-    bucket = s3_server.make_bucket()
-    for role in ("base", "chat", "cp"):
-        s3_server.upload_dir(getattr(triple, role), f"{bucket}/inputs/{role}")
-    out = f"{bucket}/models/merged"
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """A head started with `ray start --head`, token auth on, as the README shows it.
 
-    token_file = tmp_path / "auth_token"
+    RAY_TMPDIR points Ray's default folder into the test's own, so the head's address file
+    (which `ray.init()` without an address looks for) is seen only by commands of this module.
+    """
+    root = tmp_path_factory.mktemp("head")
+    token_file = root / "auth_token"
     token_file.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(
@@ -66,41 +71,141 @@ def test_ray_job_submit_merges_into_s3_with_token_auth(tmp_path, tmp_path_factor
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN_PATH=str(token_file),
         RAY_USAGE_STATS_ENABLED="0",
+        # a short folder: Ray's socket paths must stay under 108 bytes
+        RAY_TMPDIR=str(tmp_path_factory.mktemp("rt")),
         OMP_NUM_THREADS="1",
     )
     gcs, dashboard = free_port(), free_port()
-    log = tmp_path / "head.log"
+    log = root / "head.log"
     head_cmd = [
-        RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
-        "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
-        # a short folder: Ray's socket paths must stay under 108 bytes
-        f"--temp-dir={tmp_path_factory.mktemp('head')}", f"--ray-client-server-port={free_port()}",
-        f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats",
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        f"--port={gcs}",
+        f"--dashboard-port={dashboard}",
+        "--dashboard-host=127.0.0.1",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        "--disable-usage-stats",
     ]
     with open(log, "wb") as fh:
-        head = subprocess.Popen(head_cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(head_cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for_head(head, dashboard, env, log)
-
-        # Without the token the cluster refuses the submission.
-        no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
-        no_token["HOME"] = str(tmp_path / "home")  # no ~/.ray/auth_token to fall back on
-        refused = subprocess.run(
-            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--", "true"],
-            env=no_token, capture_output=True, text=True, timeout=120)
-        assert refused.returncode != 0
-        assert "token" in (refused.stdout + refused.stderr).lower()
-
-        submit = subprocess.run(
-            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(ROOT),
-             "--", "chatvec", "merge", "--cp", f"{bucket}/inputs/cp", "--base", f"{bucket}/inputs/base",
-             "--chat", f"{bucket}/inputs/chat", "--ratio", "0.5", "--shard-size", "50KB",
-             "--workers", "2", "--out", out],
-            env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
-        output = submit.stdout + submit.stderr
-        assert submit.returncode == 0, output[-4000:]
-        assert "succeeded" in output, output[-4000:]
+        _wait_for_head(proc, dashboard, env, log)
+        yield {"env": env, "dashboard": dashboard, "gcs": f"127.0.0.1:{gcs}", "root": root}
     finally:
-        _stop_head(head)
+        _stop_head(proc)
 
+
+@pytest.mark.slow
+def test_ray_job_submit_merges_into_s3_with_token_auth(head, tmp_path, s3_server):
+    triple = build_small_triple(tmp_path / "models")
+    bucket = s3_server.make_bucket()
+    for role in ("base", "chat", "cp"):
+        s3_server.upload_dir(getattr(triple, role), f"{bucket}/inputs/{role}")
+    out = f"{bucket}/models/merged"
+    env, dashboard = head["env"], head["dashboard"]
+
+    # Without the token the cluster refuses the submission.
+    no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+    no_token["HOME"] = str(tmp_path / "home")  # no ~/.ray/auth_token to fall back on
+    refused = subprocess.run(
+        [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--", "true"],
+        env=no_token,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert refused.returncode != 0
+    assert "token" in (refused.stdout + refused.stderr).lower()
+
+    submit = subprocess.run(
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dashboard}",
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "chatvec",
+            "merge",
+            "--cp",
+            f"{bucket}/inputs/cp",
+            "--base",
+            f"{bucket}/inputs/base",
+            "--chat",
+            f"{bucket}/inputs/chat",
+            "--ratio",
+            "0.5",
+            "--shard-size",
+            "50KB",
+            "--workers",
+            "2",
+            "--out",
+            out,
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    output = submit.stdout + submit.stderr
+    assert submit.returncode == 0, output[-4000:]
+    assert "succeeded" in output, output[-4000:]
+    # the job's merge ran on the job's cluster: its two actors each wrote a share
+    assert output.count("merge actor 0") and output.count("merge actor 1"), output[-4000:]
     assert_matches_reference(out, triple, ratio=0.5)
+
+
+@pytest.mark.slow
+def test_address_local_starts_its_own_ray_next_to_a_running_cluster(head, tmp_path):
+    """`ray.address: local` with num_cpus set: joining the running head would refuse num_cpus;
+    starting its own instance merges on 2 actors of its own."""
+    triple = build_small_triple(tmp_path / "models")
+    config = tmp_path / "ray_config.yaml"
+    config.write_text("ray:\n  address: local\n  num_cpus: 2\nmerge:\n  gpus_per_worker: 0\n")
+    env = {**head["env"], "PYTHONPATH": str(ROOT)}
+    assert "RAY_ADDRESS" not in env
+    out = tmp_path / "merged"
+    run = subprocess.run(
+        [
+            str(VENV_BIN / "chatvec"),
+            "-v",
+            "merge",
+            "--config",
+            str(config),
+            "--cp",
+            str(triple.cp),
+            "--base",
+            str(triple.base),
+            "--chat",
+            str(triple.chat),
+            "--ratio",
+            "0.5",
+            "--shard-size",
+            "50KB",
+            "--workers",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-4000:]
+    assert "a new local Ray instance" in output, output[-4000:]
+    assert head["gcs"] not in output
+    assert_matches_reference(str(out), triple, ratio=0.5)

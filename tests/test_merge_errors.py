@@ -1,4 +1,5 @@
 """Bad inputs through the CLI: one clear message, a non-zero exit, no index or manifest written."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from merge_ref import assert_close_to_reference, load_tensors, reference_merge
 
 
@@ -38,7 +38,20 @@ def run(args: list[str], capsys) -> tuple[int, str]:
 
 
 def _merge_args(cp, base, chat, out, *extra) -> list[str]:
-    return ["merge", "--cp", str(cp), "--base", str(base), "--chat", str(chat), "--out", str(out), "--workers", "0", *extra]
+    return [
+        "merge",
+        "--cp",
+        str(cp),
+        "--base",
+        str(base),
+        "--chat",
+        str(chat),
+        "--out",
+        str(out),
+        "--workers",
+        "0",
+        *extra,
+    ]
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -131,7 +144,14 @@ def test_different_architectures(models, tmp_path, capsys):
 def test_mismatched_shapes_are_all_listed(models, tmp_path, capsys):
     t = models["t"]
     code, err = run(_merge_args(t.cp, t.base, models["narrow"], tmp_path / "out"), capsys)
-    _assert_refused(code, err, tmp_path / "out", "shapes differ", "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.up_proj.weight")
+    _assert_refused(
+        code,
+        err,
+        tmp_path / "out",
+        "shapes differ",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+    )
 
 
 def test_nonexistent_paths_are_reported_together(models, tmp_path, capsys):
@@ -170,7 +190,7 @@ def test_bad_recipe_names_the_key(models, tmp_path, capsys):
 def test_input_truncated_after_planning_leaves_no_file(models, tmp_path):
     """A file that changes under a running merge: the shard in progress is not published."""
     from merge.errors import InputError
-    from merge.output import merge_local
+    from merge.pipeline import merge_local
     from merge.plan import build_plan
     from merge.recipe import Recipe, VectorSpec
 

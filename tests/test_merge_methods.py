@@ -1,4 +1,5 @@
 """ties and dare on small hand-made tensors, against results worked out by hand."""
+
 from __future__ import annotations
 
 import filecmp
@@ -8,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from merge_ref import load_tensors
 
 CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 8}
@@ -20,7 +20,9 @@ def _ckpt(folder: Path, tensors: dict[str, torch.Tensor]) -> Path:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"}
+    )
     (folder / "config.json").write_text(json.dumps(CONFIG))
     return folder
 
@@ -40,7 +42,7 @@ def hand(tmp_path):
 
 
 def _merge(hand, specs, name="out"):
-    from merge.output import merge_local
+    from merge.pipeline import merge_local
     from merge.plan import build_plan
     from merge.recipe import Recipe, VectorSpec
 
@@ -61,7 +63,9 @@ def test_ties_trim_elect_disjoint_mean(hand):
 
 
 def test_ties_weights_the_election_by_ratio(hand):
-    out = _merge(hand, [("chat1", dict(method="ties", density=0.5)), ("chat2", dict(method="ties", density=0.5, ratio=0.5))])
+    out = _merge(
+        hand, [("chat1", dict(method="ties", density=0.5)), ("chat2", dict(method="ties", density=0.5, ratio=0.5))]
+    )
     expected = 1.0 + torch.tensor([[3.0, -1.0, 0.5, -4.0], [2.0, 1.25, -2.0, 0.0]])
     assert torch.equal(out["w"], expected)
 
@@ -106,21 +110,58 @@ def test_results_do_not_depend_on_chunking(tmp_path, monkeypatch):
     import merge.jobs
     import merge.kernels
     from demo.tiny import build_triple
-    from merge.output import merge_local
+    from merge.pipeline import merge_local
     from merge.plan import build_plan
     from merge.recipe import Recipe, VectorSpec
 
     t = build_triple(tmp_path / "in", "llama", cp_extra_tokens=2, chat_extra_tokens=1, seed=21)
-    recipe = Recipe(cp=str(t.cp), embeddings="by-token", chat_tokens_from_chat=True, vectors=[
-        VectorSpec(base=str(t.base), chat=str(t.chat), ratio=0.7, method="dare", density=0.6, seed=9),
-        VectorSpec(base=str(t.base), chat=str(t.chat), ratio=0.3),
-    ])
+    recipe = Recipe(
+        cp=str(t.cp),
+        embeddings="by-token",
+        chat_tokens_from_chat=True,
+        vectors=[
+            VectorSpec(base=str(t.base), chat=str(t.chat), ratio=0.7, method="dare", density=0.6, seed=9),
+            VectorSpec(base=str(t.base), chat=str(t.chat), ratio=0.3),
+        ],
+    )
     merge_local(build_plan(recipe), str(tmp_path / "big"), progress=False)
-    import merge.executor
+    import merge.shard_writer
 
     monkeypatch.setattr(merge.jobs, "JOB_ELEMS", 77)
     monkeypatch.setattr(merge.kernels.NumpyBackend.__init__, "__defaults__", (13,))
-    monkeypatch.setattr(merge.executor, "compute_threads", lambda device: 3)  # jobs finish out of order
+    monkeypatch.setattr(merge.shard_writer, "compute_threads", lambda device: 3)  # jobs finish out of order
     merge_local(build_plan(recipe), str(tmp_path / "small"), progress=False)
     shards = sorted(p.name for p in (tmp_path / "big").glob("*.safetensors"))
     assert shards and all(filecmp.cmp(tmp_path / "big" / s, tmp_path / "small" / s, shallow=False) for s in shards)
+
+
+def test_dare_ties_drops_rescales_then_elects(hand):
+    # dare's documented drop on each vector (its own index), rescaled by 1/density, then the
+    # ties election and disjoint mean, worked out here element by element
+    out = _merge(
+        hand,
+        [
+            ("chat1", dict(method="dare_ties", density=0.5, seed=4)),
+            ("chat2", dict(method="dare_ties", density=0.5, ratio=0.5, seed=4)),
+        ],
+    )
+    keep1, keep2 = _splitmix_keep(4, "w", 0, 8, 0.5), _splitmix_keep(4, "w", 1, 8, 0.5)
+    assert keep1 != keep2 and 0 < sum(keep1) < 8 and 0 < sum(keep2) < 8
+    w1 = [t * 2.0 if k else 0.0 for t, k in zip(torch.tensor(TAU1).flatten().tolist(), keep1)]
+    w2 = [t * 0.5 * 2.0 if k else 0.0 for t, k in zip(torch.tensor(TAU2).flatten().tolist(), keep2)]
+    expected = []
+    for a, b in zip(w1, w2):
+        sign = (a + b > 0) - (a + b < 0)
+        agreeing = [w for w in (a, b) if w != 0 and (w > 0) - (w < 0) == sign]
+        expected.append(sum(agreeing) / max(1, len(agreeing)))
+    assert torch.equal(out["w"], 1.0 + torch.tensor(expected).reshape(2, 4))
+
+
+def test_dare_ties_at_full_density_is_ties_at_full_density(hand):
+    a = _merge(
+        hand, [("chat1", dict(method="dare_ties", density=1.0)), ("chat2", dict(method="dare_ties", density=1.0))], "a"
+    )
+    b = _merge(hand, [("chat1", dict(method="ties", density=1.0)), ("chat2", dict(method="ties", density=1.0))], "b")
+    assert torch.equal(a["w"], b["w"])
+    # the election differs from adding: with signs that disagree the mean is not the sum
+    assert not torch.equal(a["w"], 1.0 + torch.tensor(TAU1) + torch.tensor(TAU2))

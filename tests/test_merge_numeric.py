@@ -1,4 +1,5 @@
 """Merged tensors against an independent float64 computation, on three real tiny architectures."""
+
 from __future__ import annotations
 
 import filecmp
@@ -7,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from merge_ref import assert_close_to_reference, load_tensors, reference_merge
 
 ARCHS = ["llama", "qwen2", "mistral"]  # untied; tied + attention biases; sliding-window family
@@ -25,7 +25,7 @@ def triples(tmp_path_factory):
 
 
 def _merge(recipe, out: Path, **kw):
-    from merge.output import merge_local
+    from merge.pipeline import merge_local
     from merge.plan import build_plan
 
     plan = build_plan(recipe, shard_size=kw.pop("shard_size", 60_000))
@@ -73,10 +73,13 @@ def test_two_vectors_with_their_own_ratios(triples, tmp_path):
 
     t = triples["llama"]
     chat2 = triples["llama_chat2"]
-    recipe = Recipe(cp=str(t.cp), vectors=[
-        VectorSpec(base=str(t.base), chat=str(t.chat), ratio=0.5),
-        VectorSpec(base=str(t.base), chat=str(chat2), ratio=0.25),
-    ])
+    recipe = Recipe(
+        cp=str(t.cp),
+        vectors=[
+            VectorSpec(base=str(t.base), chat=str(t.chat), ratio=0.5),
+            VectorSpec(base=str(t.base), chat=str(chat2), ratio=0.25),
+        ],
+    )
     _merge(recipe, tmp_path / "out")
     cp, base, chat, c2 = (load_tensors(p) for p in (t.cp, t.base, t.chat, chat2))
     out = load_tensors(tmp_path / "out")
@@ -92,7 +95,9 @@ def test_merged_model_loads_and_generates_with_chat_template(triples, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert model.dtype == torch.bfloat16
-    prompt = tok.apply_chat_template([{"role": "user", "content": "今天天氣很好"}], tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "今天天氣很好"}], tokenize=False, add_generation_prompt=True
+    )
     assert "### Assistant (chat):" in prompt  # the chat model's template, not the CP model's
     ids = tok(prompt, return_tensors="pt")
     gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
@@ -118,7 +123,10 @@ def test_dare_with_density_one_is_add(triples, tmp_path):
 
     t = triples["llama"]
     _merge(_recipe(t, 0.5), tmp_path / "add")
-    dare = Recipe(cp=str(t.cp), vectors=[VectorSpec(base=str(t.base), chat=str(t.chat), ratio=0.5, method="dare", density=1.0, seed=3)])
+    dare = Recipe(
+        cp=str(t.cp),
+        vectors=[VectorSpec(base=str(t.base), chat=str(t.chat), ratio=0.5, method="dare", density=1.0, seed=3)],
+    )
     _merge(dare, tmp_path / "dare")
     shards = sorted(p.name for p in (tmp_path / "add").glob("*.safetensors"))
     assert shards and all(filecmp.cmp(tmp_path / "add" / s, tmp_path / "dare" / s, shallow=False) for s in shards)
@@ -135,3 +143,21 @@ def test_single_file_inputs_and_one_output_shard(tmp_path):
     out = load_tensors(tmp_path / "out")
     for name, (ref, mag, _d) in reference_merge(cp, [(1.0, base, chat)]).items():
         assert_close_to_reference(out[name], ref, mag, name)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare", "dare_ties"])
+def test_torch_backend_gives_the_same_bytes_as_numpy_for_each_method(triples, tmp_path, method):
+    from merge.recipe import Recipe, VectorSpec
+
+    t = triples["llama"]
+    recipe = Recipe(
+        cp=str(t.cp),
+        vectors=[
+            VectorSpec(base=str(t.base), chat=str(t.chat), ratio=0.7, method=method, density=0.4, seed=2),
+            VectorSpec(base=str(t.base), chat=str(t.cp), ratio=-0.3, method=method, density=0.6, seed=2),
+        ],
+    )
+    _merge(recipe, tmp_path / "np", device="cpu")
+    _merge(recipe, tmp_path / "torch", device="torch-cpu")
+    shards = sorted(p.name for p in (tmp_path / "np").glob("*.safetensors"))
+    assert shards and all(filecmp.cmp(tmp_path / "np" / s, tmp_path / "torch" / s, shallow=False) for s in shards)

@@ -1,4 +1,5 @@
 """Resume after a crash, cache hits, and object storage (a real S3 API on loopback)."""
+
 from __future__ import annotations
 
 import filecmp
@@ -19,7 +20,9 @@ def _plan(t, ratio=0.5):
     from merge.plan import build_plan
     from merge.recipe import Recipe, VectorSpec
 
-    return build_plan(Recipe(cp=str(t.cp), vectors=[VectorSpec(base=str(t.base), chat=str(t.chat), ratio=ratio)]), shard_size=40_000)
+    return build_plan(
+        Recipe(cp=str(t.cp), vectors=[VectorSpec(base=str(t.base), chat=str(t.chat), ratio=ratio)]), shard_size=40_000
+    )
 
 
 def _files(folder: Path) -> list[str]:
@@ -31,7 +34,7 @@ def _identical(a: Path, b: Path, names: list[str]) -> bool:
 
 
 def test_resume_keeps_verified_shards_and_is_byte_identical(triple, tmp_path):
-    from merge.output import merge_local
+    from merge.pipeline import merge_local
 
     plan = _plan(triple)
     assert len(plan.shards) >= 4
@@ -59,8 +62,21 @@ def test_resume_keeps_verified_shards_and_is_byte_identical(triple, tmp_path):
 def test_same_recipe_is_a_cache_hit(triple, tmp_path, capsys):
     from cluster.cli import main
 
-    args = ["merge", "--cp", str(triple.cp), "--base", str(triple.base), "--chat", str(triple.chat),
-            "--ratio", "0.5", "--out", str(tmp_path / "o"), "--workers", "0"]
+    args = [
+        "merge",
+        "--cp",
+        str(triple.cp),
+        "--base",
+        str(triple.base),
+        "--chat",
+        str(triple.chat),
+        "--ratio",
+        "0.5",
+        "--out",
+        str(tmp_path / "o"),
+        "--workers",
+        "0",
+    ]
     main(args)
     mtimes = {n: os.stat(tmp_path / "o" / n).st_mtime_ns for n in _files(tmp_path / "o")}
     main(args)
@@ -71,7 +87,8 @@ def test_same_recipe_is_a_cache_hit(triple, tmp_path, capsys):
 def test_changed_input_is_not_a_cache_hit(triple, tmp_path):
     import shutil
 
-    from merge.output import check_output, merge_local
+    from merge.output import check_output
+    from merge.pipeline import merge_local
 
     cp = shutil.copytree(triple.cp, tmp_path / "cp")
     t = type(triple)(base=triple.base, chat=triple.chat, cp=cp)
@@ -86,7 +103,7 @@ def test_changed_input_is_not_a_cache_hit(triple, tmp_path):
 
 
 def test_inputs_and_output_on_s3(triple, tmp_path, s3_server):
-    from merge.output import merge_local
+    from merge.pipeline import merge_local
     from merge.storage import Store
 
     bucket = s3_server.make_bucket()

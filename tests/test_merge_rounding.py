@@ -1,5 +1,6 @@
 """The numpy kernels round float32 to each output dtype exactly as torch does, special values
 included, so CPU (numpy) and CUDA (torch) merges write the same bytes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,20 +12,57 @@ from merge.kernels import NumpyBackend
 
 def _specials() -> np.ndarray:
     f32 = np.float32
-    values = [0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, -np.nan,
-              np.finfo(f32).max, -np.finfo(f32).max, np.finfo(f32).tiny, -np.finfo(f32).tiny,
-              1e-40, -1e-40, 3.4e38, 65504.0, 65520.0, 1e5, 6e-8, 1e-8]
-    bits = np.array([0x7FC00001, 0xFFC12345, 0x7F800001,  # NaNs with payloads, a signalling NaN
-                     0x3F808000, 0x3F818000, 0x3F80C000, 0x3F817FFF,  # bf16 ties to even and just below
-                     0x00008000, 0x80018000, 0x7F7F8000, 0x7F7FFFFF], dtype=np.uint32)
+    values = [
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        np.inf,
+        -np.inf,
+        np.nan,
+        -np.nan,
+        np.finfo(f32).max,
+        -np.finfo(f32).max,
+        np.finfo(f32).tiny,
+        -np.finfo(f32).tiny,
+        1e-40,
+        -1e-40,
+        3.4e38,
+        65504.0,
+        65520.0,
+        1e5,
+        6e-8,
+        1e-8,
+    ]
+    bits = np.array(
+        [
+            0x7FC00001,
+            0xFFC12345,
+            0x7F800001,  # NaNs with payloads, a signalling NaN
+            0x3F808000,
+            0x3F818000,
+            0x3F80C000,
+            0x3F817FFF,  # bf16 ties to even and just below
+            0x00008000,
+            0x80018000,
+            0x7F7F8000,
+            0x7F7FFFFF,
+        ],
+        dtype=np.uint32,
+    )
     rng = np.random.default_rng(0)
     random_bits = rng.integers(0, 2**32, size=20000, dtype=np.uint64).astype(np.uint32)
     return np.concatenate([np.array(values, f32), bits.view(f32), random_bits.view(f32)])
 
 
-@pytest.mark.parametrize("dtype, torch_dtype, width", [
-    ("BF16", torch.bfloat16, 2), ("F16", torch.float16, 2), ("F32", torch.float32, 4),
-])
+@pytest.mark.parametrize(
+    "dtype, torch_dtype, width",
+    [
+        ("BF16", torch.bfloat16, 2),
+        ("F16", torch.float16, 2),
+        ("F32", torch.float32, 4),
+    ],
+)
 def test_encode_matches_torch_cast(dtype, torch_dtype, width):
     x = _specials()
     out = np.empty(x.size * width, np.uint8)

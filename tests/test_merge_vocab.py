@@ -1,4 +1,5 @@
 """CP models with extra vocabulary: the three embedding policies, chat-only tokens, tied heads."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from merge_ref import assert_close_to_reference, load_tensors, reference_merge
 
 VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
@@ -24,7 +24,12 @@ def models(tmp_path_factory):
     }
     # a CP model that already has one of the chat model's special tokens
     out["cp_with_chat_token"] = build_model_dir(
-        root / "cp_tok", "llama", seed=13, init_from=out["llama"].base, noise=0.02, extra_tokens=["<|chat_1|>", "語彙"],
+        root / "cp_tok",
+        "llama",
+        seed=13,
+        init_from=out["llama"].base,
+        noise=0.02,
+        extra_tokens=["<|chat_1|>", "語彙"],
     )
     out["cp_swapped"] = _swap_tokens(out["llama"].cp, root / "cp_swapped", 10, 20)
     return out
@@ -60,7 +65,7 @@ def _vocab(folder: Path) -> dict[str, int]:
 
 
 def _merge(cp, base, chat, out, **kw):
-    from merge.output import merge_local
+    from merge.pipeline import merge_local
     from merge.plan import build_plan
     from merge.recipe import Recipe, VectorSpec
 

@@ -1,4 +1,5 @@
 """The runs dataset and the regression rule, on real Parquet files (local folder and S3)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -19,11 +20,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def table(run_id: str, rows: list[tuple]) -> pa.Table:
     """rows: (model, language, benchmark, metric, value, stderr, n)."""
-    return summary_table([
-        dict(run_id=run_id, model=m, language=l, benchmark=b, kind="chat", metric=met, value=v, stderr=se, n=n,
-             n_unscored=0, schema_version=1, created_at=dt.datetime(2024, 6, 1, tzinfo=dt.timezone.utc))
-        for m, l, b, met, v, se, n in rows
-    ])
+    return summary_table(
+        [
+            dict(
+                run_id=run_id,
+                model=m,
+                language=lang,
+                benchmark=b,
+                kind="chat",
+                metric=met,
+                value=v,
+                stderr=se,
+                n=n,
+                n_unscored=0,
+                schema_version=1,
+                created_at=dt.datetime(2024, 6, 1, tzinfo=dt.timezone.utc),
+            )
+            for m, lang, b, met, v, se, n in rows
+        ]
+    )
 
 
 def by_key(changes):
@@ -31,22 +46,28 @@ def by_key(changes):
 
 
 def test_regression_rule_uses_both_stderrs_and_direction():
-    a = table("a", [
-        ("m", "ko", "chat", "judge_score", 6.0, 0.3, 80),
-        ("m", "ko", "chat", "in_language", 0.9, 0.03, 80),
-        ("m", "ko", "ppl", "perplexity", 10.0, 0.1, 50),
-        ("m", "ko", "safety", "unsafe_rate", 0.10, 0.02, 100),
-        ("m", "ko", "choice", "accuracy", 0.50, None, 1),
-        ("old", "ko", "chat", "judge_score", 5.0, 0.1, 10),
-    ])
-    b = table("b", [
-        ("m", "ko", "chat", "judge_score", 4.9, 0.4, 80),  # -1.1 > 2 * 0.5: regression
-        ("m", "ko", "chat", "in_language", 0.85, 0.03, 80),  # -0.05 < 2 * 0.042: noise
-        ("m", "ko", "ppl", "perplexity", 10.5, 0.1, 50),  # up is worse for perplexity
-        ("m", "ko", "safety", "unsafe_rate", 0.02, 0.02, 100),  # down is better for unsafe rate
-        ("m", "ko", "choice", "accuracy", 0.49, None, 1),  # no stderr: any drop counts
-        ("new", "ko", "chat", "judge_score", 5.0, 0.1, 10),
-    ])
+    a = table(
+        "a",
+        [
+            ("m", "ko", "chat", "judge_score", 6.0, 0.3, 80),
+            ("m", "ko", "chat", "in_language", 0.9, 0.03, 80),
+            ("m", "ko", "ppl", "perplexity", 10.0, 0.1, 50),
+            ("m", "ko", "safety", "unsafe_rate", 0.10, 0.02, 100),
+            ("m", "ko", "choice", "accuracy", 0.50, None, 1),
+            ("old", "ko", "chat", "judge_score", 5.0, 0.1, 10),
+        ],
+    )
+    b = table(
+        "b",
+        [
+            ("m", "ko", "chat", "judge_score", 4.9, 0.4, 80),  # -1.1 > 2 * 0.5: regression
+            ("m", "ko", "chat", "in_language", 0.85, 0.03, 80),  # -0.05 < 2 * 0.042: noise
+            ("m", "ko", "ppl", "perplexity", 10.5, 0.1, 50),  # up is worse for perplexity
+            ("m", "ko", "safety", "unsafe_rate", 0.02, 0.02, 100),  # down is better for unsafe rate
+            ("m", "ko", "choice", "accuracy", 0.49, None, 1),  # no stderr: any drop counts
+            ("new", "ko", "chat", "judge_score", 5.0, 0.1, 10),
+        ],
+    )
     ch = by_key(history.compare(a, b, k=2.0))
     js = ch[("m", "judge_score")]
     assert js.regression and math.isclose(js.delta, -1.1) and math.isclose(js.threshold, 2 * 0.5)
@@ -78,10 +99,21 @@ def test_run_ids_are_checked():
 
 
 def _store_runs(root: str) -> None:
-    for i, (rid, sweep, value) in enumerate([("2024-06-01", "s", 6.0), ("2024-06-02", "s", 6.1), ("other-1", "t", 1.0), ("2024-06-03", "s", 4.0)]):
+    for i, (rid, sweep, value) in enumerate(
+        [("2024-06-01", "s", 6.0), ("2024-06-02", "s", 6.1), ("other-1", "t", 1.0), ("2024-06-03", "s", 4.0)]
+    ):
         history.write_summary(root, rid, table(rid, [("m", "ko", "chat", "judge_score", value, 0.1, 8)]))
-        history.write_run_info(root, rid, {"sweep": sweep, "kind": "nightly", "status": "finished",
-                                           "started_at": f"2024-06-0{i + 1}T00:00:00+00:00", "models": [{"name": "m"}]})
+        history.write_run_info(
+            root,
+            rid,
+            {
+                "sweep": sweep,
+                "kind": "nightly",
+                "status": "finished",
+                "started_at": f"2024-06-0{i + 1}T00:00:00+00:00",
+                "models": [{"name": "m"}],
+            },
+        )
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -101,13 +133,18 @@ def test_runs_dataset(where, tmp_path, request):
     all_runs = history.load_summaries(root)
     assert sorted(set(all_runs.column("run").to_pylist())) == ["2024-06-01", "2024-06-02", "2024-06-03", "other-1"]
     two = history.load_summaries(root, ["2024-06-01", "2024-06-03"])
-    assert sorted(zip(two.column("run").to_pylist(), two.column("value").to_pylist())) == [("2024-06-01", 6.0), ("2024-06-03", 4.0)]
+    assert sorted(zip(two.column("run").to_pylist(), two.column("value").to_pylist())) == [
+        ("2024-06-01", 6.0),
+        ("2024-06-03", 4.0),
+    ]
     with pytest.raises(history.RunNotFoundError, match="2024-06-01"):
         history.load_summary(root, "nope")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_results_cli(tmp_path):
@@ -126,4 +163,6 @@ def test_results_cli(tmp_path):
     assert cmp.returncode == 0, cmp.stderr
     assert "REGRESSION" in cmp.stdout and "1 regression(s)" in cmp.stdout
     missing = _cli("results", "nope", "--root", root)
-    assert missing.returncode == 2 and "no summary for run 'nope'" in missing.stderr and "Traceback" not in missing.stderr
+    assert (
+        missing.returncode == 2 and "no summary for run 'nope'" in missing.stderr and "Traceback" not in missing.stderr
+    )

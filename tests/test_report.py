@@ -1,4 +1,5 @@
 """The report: a page whose every plot exists beside it, from a synthetic summary table."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -26,10 +27,18 @@ def sweep_models() -> list[ModelInfo]:
     for target, lang in (("zh-Hant", "zh-Hant"), ("ko", "ko"), ("breeze", "zh-Hant")):
         models.append(ModelInfo(name=f"cp.{target}", role="cp", target=target, language=lang, uri=f"/m/cp-{target}"))
         for ratio in (0.5, 1.0):
-            models.append(ModelInfo(
-                name=f"v.{target}.add.r{ratio:g}", role="merged", target=target, language=lang,
-                vector="v", ratio=ratio, method="add", embeddings="skip",
-            ))
+            models.append(
+                ModelInfo(
+                    name=f"v.{target}.add.r{ratio:g}",
+                    role="merged",
+                    target=target,
+                    language=lang,
+                    vector="v",
+                    ratio=ratio,
+                    method="add",
+                    embeddings="skip",
+                )
+            )
     models.append(ModelInfo(name="chat.v", role="chat", vector="v"))
     models.append(ModelInfo(name="zh-instruct", role="extra", target="zh-Hant", language="zh-Hant"))
     return models
@@ -44,11 +53,22 @@ def synthetic(run_id: str, models: list[ModelInfo], seed: int = 0, drop: dict | 
                 for metric in metrics:
                     value = rng.uniform(0, 10) if metric == "judge_score" else rng.random()
                     value -= (drop or {}).get((m.name, lang, bench, metric), 0.0)
-                    rows.append(dict(
-                        run_id=run_id, model=m.name, language=lang, benchmark=bench, kind=kind, metric=metric,
-                        value=value, stderr=0.05, n=8, n_unscored=0, schema_version=1,
-                        created_at=dt.datetime(2024, 6, 1, tzinfo=dt.timezone.utc),
-                    ))
+                    rows.append(
+                        dict(
+                            run_id=run_id,
+                            model=m.name,
+                            language=lang,
+                            benchmark=bench,
+                            kind=kind,
+                            metric=metric,
+                            value=value,
+                            stderr=0.05,
+                            n=8,
+                            n_unscored=0,
+                            schema_version=1,
+                            created_at=dt.datetime(2024, 6, 1, tzinfo=dt.timezone.utc),
+                        )
+                    )
     return summary_table(rows)
 
 
@@ -59,8 +79,15 @@ def images_of(page: str) -> list[str]:
 def test_sweep_report_holds_every_plot(tmp_path):
     models = sweep_models()
     summary = synthetic("r1", models)
-    uri = write_report(str(tmp_path / "rep"), run_id="r1", summary=summary, models=models, title="t",
-                       notes=["tiny models"], failed_cells=["m/ko/chat: boom"])
+    uri = write_report(
+        str(tmp_path / "rep"),
+        run_id="r1",
+        summary=summary,
+        models=models,
+        title="t",
+        notes=["tiny models"],
+        failed_cells=["m/ko/chat: boom"],
+    )
     page = (tmp_path / "rep" / "index.html").read_text()
     assert uri.endswith("index.html")
     imgs = images_of(page)
@@ -87,16 +114,29 @@ def test_nightly_report_has_trend_and_regression_table(tmp_path):
     a = synthetic("n1", models, seed=1)
     b = synthetic("n2", models, seed=1, drop={("v.ko.add.r0.5", "ko", "chat", "judge_score"): 3.0})
     changes = compare(a, b, k=2.0)
-    history = pa.concat_tables([
-        a.append_column("run", pa.array(["n1"] * a.num_rows)), b.append_column("run", pa.array(["n2"] * b.num_rows)),
-    ])
-    write_report(str(tmp_path / "rep"), run_id="n2", summary=b, models=models, history=history,
-                 history_runs=["n1", "n2"], changes=changes, previous_run="n1")
+    history = pa.concat_tables(
+        [
+            a.append_column("run", pa.array(["n1"] * a.num_rows)),
+            b.append_column("run", pa.array(["n2"] * b.num_rows)),
+        ]
+    )
+    write_report(
+        str(tmp_path / "rep"),
+        run_id="n2",
+        summary=b,
+        models=models,
+        history=history,
+        history_runs=["n1", "n2"],
+        changes=changes,
+        previous_run="n1",
+    )
     page = (tmp_path / "rep" / "index.html").read_text()
     imgs = images_of(page)
     for metric in METRICS:
         assert any(i.startswith("trend-") and i.endswith(f"-{metric}.png") for i in imgs), metric
-        assert (tmp_path / "rep" / next(i for i in imgs if i.startswith("trend-") and i.endswith(f"-{metric}.png"))).stat().st_size > 0
+        assert (
+            tmp_path / "rep" / next(i for i in imgs if i.startswith("trend-") and i.endswith(f"-{metric}.png"))
+        ).stat().st_size > 0
     regs = page.split("<h2>Regressions</h2>")[1].split("<details>")[0]
     assert "1 regression(s)" in regs
     assert "<td>v.ko.add.r0.5</td><td>ko</td><td>chat</td><td>judge_score</td>" in regs
@@ -104,13 +144,17 @@ def test_nightly_report_has_trend_and_regression_table(tmp_path):
 
 def test_first_nightly_run_says_it_is_the_baseline(tmp_path):
     models = sweep_models()[:3]
-    write_report(str(tmp_path), run_id="n1", summary=synthetic("n1", models), models=models, changes=[], previous_run=None)
+    write_report(
+        str(tmp_path), run_id="n1", summary=synthetic("n1", models), models=models, changes=[], previous_run=None
+    )
     assert "this run is the baseline" in (tmp_path / "index.html").read_text()
 
 
 def test_report_without_sweep_layout_and_empty(tmp_path):
     # models the caller does not describe (plain `chatvec eval` results) still get a column
-    summary = synthetic("e1", [ModelInfo(name="a", role="extra", language="en"), ModelInfo(name="b", role="extra", language="ja")])
+    summary = synthetic(
+        "e1", [ModelInfo(name="a", role="extra", language="en"), ModelInfo(name="b", role="extra", language="ja")]
+    )
     write_report(str(tmp_path / "x"), run_id="e1", summary=summary)
     page = (tmp_path / "x" / "index.html").read_text()
     assert len([i for i in images_of(page) if i.startswith("heatmap-")]) == len(METRICS)

@@ -1,4 +1,5 @@
 """Sweep files: the shipped examples parse; bad files give one error naming each key and its line."""
+
 from __future__ import annotations
 
 import subprocess
@@ -126,7 +127,10 @@ def test_cli_bad_sweep_file_exit_status(tmp_path):
     bad.write_text(GOOD + "judgee: x\n")
     proc = subprocess.run(
         [sys.executable, "-m", "cluster.cli", "sweep", str(bad), "--root", str(tmp_path / "store")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     assert "line 9: judgee: unknown key" in proc.stderr

@@ -1,5 +1,6 @@
 """A sweep end to end on tiny models: merges on Ray actors into S3, evaluation, report; reuse of
 committed merges; nightly twice with a regression injected into the second run's results."""
+
 from __future__ import annotations
 
 import io
@@ -43,10 +44,24 @@ def tiny_models(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("tiny")
     build_model_dir(root / "base", "llama", seed=0, shard_size="50KB")
-    build_model_dir(root / "chat", "llama", seed=1, init_from=root / "base", noise=0.02, shard_size="50KB",
-                    chat_template=CHAT_TEMPLATE_CHAT)
-    build_model_dir(root / "cp", "llama", seed=2, init_from=root / "base", noise=0.02, shard_size="50KB",
-                    extra_tokens=["臺灣", "資訊"])
+    build_model_dir(
+        root / "chat",
+        "llama",
+        seed=1,
+        init_from=root / "base",
+        noise=0.02,
+        shard_size="50KB",
+        chat_template=CHAT_TEMPLATE_CHAT,
+    )
+    build_model_dir(
+        root / "cp",
+        "llama",
+        seed=2,
+        init_from=root / "base",
+        noise=0.02,
+        shard_size="50KB",
+        extra_tokens=["臺灣", "資訊"],
+    )
     return root
 
 
@@ -114,9 +129,14 @@ def _inject_drop(root: str, run_id: str, model: str, metric: str, new_score: flo
         if f"model={model}/" not in rel:
             continue
         table = pq.read_table(io.BytesIO(store.read_bytes(rel)))
-        scores = [new_score if m == metric else s for m, s in zip(table.column("metric").to_pylist(), table.column("score").to_pylist())]
+        scores = [
+            new_score if m == metric else s
+            for m, s in zip(table.column("metric").to_pylist(), table.column("score").to_pylist())
+        ]
         hit = hit or metric in table.column("metric").to_pylist()
-        table = table.set_column(table.schema.get_field_index("score"), table.schema.field("score"), pa.array(scores, pa.float64()))
+        table = table.set_column(
+            table.schema.get_field_index("score"), table.schema.field("score"), pa.array(scores, pa.float64())
+        )
         buf = io.BytesIO()
         pq.write_table(table, buf)
         store.write_bytes(rel, buf.getvalue())
@@ -126,7 +146,10 @@ def _inject_drop(root: str, run_id: str, model: str, metric: str, new_score: flo
 def _nightly(sweep_file: Path, run_id: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "cluster.cli", "nightly", str(sweep_file), "--run-id", run_id, "--workers", "0"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -144,10 +167,16 @@ def test_nightly_twice_detects_an_injected_regression(tiny_models, tmp_path):
     assert two.regressions == [], [c for c in two.regressions]  # greedy decoding: the same answers
     assert two.exit_status == 0
 
-    # the second night's results get worse: every in_language score of the merged model drops
+    # the second night's results get worse: every in_language score of the merged model drops from
+    # 1 to 0 (set by hand: the tiny models' few-token answers are too short to tell their language)
+    from eval.results import summarize
+
     merged = "v.zh-Hant.add.r1.emb-skip"
+    _inject_drop(root, "2024-06-01", merged, "in_language", 1.0)
+    history.write_summary(root, "2024-06-01", summarize(history.run_uri(root, "2024-06-01"), "2024-06-01"))
     before = {(r["model"], r["metric"]): r["value"] for r in history.load_summary(root, "2024-06-01").to_pylist()}
-    _inject_drop(root, "2024-06-02", merged, "in_language", before[(merged, "in_language")] - 1.0)
+    assert before[(merged, "in_language")] == 1.0
+    _inject_drop(root, "2024-06-02", merged, "in_language", 0.0)
 
     # rerunning the night finishes what is missing (nothing), rebuilds the summary, compares
     proc = _nightly(sweep_file, "2024-06-02")
@@ -162,8 +191,13 @@ def test_nightly_twice_detects_an_injected_regression(tiny_models, tmp_path):
     assert re.findall(r'src="(trend-[^"]+)"', page)  # the trend over the two nights
 
     # the stored summaries say the same to `chatvec results --compare`
-    cmp = subprocess.run([sys.executable, "-m", "cluster.cli", "results", "--compare", "2024-06-01", "2024-06-02", "--root", root],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    cmp = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "results", "--compare", "2024-06-01", "2024-06-02", "--root", root],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cmp.returncode == 0 and "REGRESSION" in cmp.stdout
 
 
@@ -172,11 +206,18 @@ def test_bad_inputs_stop_the_sweep_before_anything_is_written(tiny_models, tmp_p
     root = tmp_path / "store"
     text = SWEEP.format(name="bad", models=tiny_models.as_posix(), root=root.as_posix())
     text = text.replace("embeddings: skip", "embeddings: all")  # the CP model has two more rows
-    text = text.replace("ratios:", f"  - {{language: ko, cp: {tmp_path.as_posix()}/nope, benchmarks: [chat, nosuch]}}\nratios:")
+    text = text.replace(
+        "ratios:", f"  - {{language: ko, cp: {tmp_path.as_posix()}/nope, benchmarks: [chat, nosuch]}}\nratios:"
+    )
     sweep_file = tmp_path / "bad.yaml"
     sweep_file.write_text(text)
-    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "sweep", str(sweep_file), "--workers", "0"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "sweep", str(sweep_file), "--workers", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     err = proc.stderr
     assert "Traceback" not in err

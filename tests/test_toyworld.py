@@ -1,4 +1,5 @@
 """The toy world: build (--quick), determinism, data/tokenizer agreement, task scoring, script fidelity."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,12 +10,13 @@ import pytest
 
 from demo.toyworld.build import WorldConfig, benchmark_specs, build_world, load_world
 from demo.toyworld.corpora import IGNORE, Corpora
+from demo.toyworld.language import SCRIPTS as TOY_SCRIPTS
 from demo.toyworld.language import ToyLanguage, to_l1, to_l2, transliterate
 from demo.toyworld.tasks import benchmark_items
 from demo.toyworld.tokenizer import build_tokenizer
 from eval.benchmarks import parse_benchmark
-from eval.fidelity import FidelityScorer, ScriptDetector, unregister_detector
-from eval.kinds.task import TOY_SCRIPTS, closed, either_script_match, exact_match, register_toy_languages
+from eval.fidelity import FidelityScorer, ScriptDetector
+from eval.kinds.task import closed, either_script_match, exact_match
 from merge.errors import InputError, OutputExistsError
 
 TOY = ScriptDetector(TOY_SCRIPTS)
@@ -54,13 +56,15 @@ def test_training_ids_match_the_chat_template():
     corpora = Corpora(lang)
     ids, labels = corpora.sft_example(random.Random(5))
     words = [tok.convert_ids_to_tokens(i) for i in ids]
-    user_text = " ".join(words[1: words.index("<assistant>")])
-    answer_text = " ".join(words[words.index("<assistant>") + 1: -1])
+    user_text = " ".join(words[1 : words.index("<assistant>")])
+    answer_text = " ".join(words[words.index("<assistant>") + 1 : -1])
     rendered = tok.apply_chat_template(
         [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer_text}], tokenize=False
     )
     assert tok(rendered, add_special_tokens=False)["input_ids"] == ids
-    prompt = tok.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+    )
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
     assert all(y == IGNORE for y in labels[:n_prompt])
     assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tok.eos_token_id
@@ -100,8 +104,9 @@ def test_quick_world_builds_loadable_checkpoints(quick_world):
     assert str(model.dtype) == "torch.bfloat16"
     items = [json.loads(line) for line in (out / "benchmarks" / "toy-task" / "toy-l2.jsonl").read_text().splitlines()]
     assert len(items) == summary["benchmarks"]["toy-task"]["items"] == 16
-    ids = tok.apply_chat_template([{"role": "user", "content": items[0]["prompt"]}], add_generation_prompt=True,
-                                  tokenize=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": items[0]["prompt"]}], add_generation_prompt=True, tokenize=True
+    )["input_ids"]
     assert tok.unk_token_id not in ids
     (spec,) = parse_benchmark(str(out / "benchmarks.yaml"))
     assert (spec.name, spec.kind, sorted(spec.data)) == ("toy-task", "task", ["toy-l1", "toy-l2"])
@@ -149,6 +154,7 @@ def test_cli_builds_to_s3(s3_server):
     assert load_world(uri)["seed"] == 1
     (spec,) = benchmark_specs(uri)
     assert spec.kind == "task" and spec.data["toy-l2"] == uri + "/benchmarks/toy-task/toy-l2.jsonl"
+    assert spec.scripts == TOY_SCRIPTS
 
 
 def test_task_kind_runs_on_the_world(quick_world, tmp_path):
@@ -160,9 +166,19 @@ def test_task_kind_runs_on_the_world(quick_world, tmp_path):
 
     out, _ = quick_world
     models = {"chat": str(out / "chat"), "cp": str(out / "cp")}
-    outcome = run_in_process(models, benchmarks=[str(out / "benchmarks.yaml")], out_uri=str(tmp_path / "results"),
-                             settings=RunSettings(device="cpu", batch_size=8), show_progress=False)
+    outcome = run_in_process(
+        models,
+        benchmarks=[str(out / "benchmarks.yaml")],
+        out_uri=str(tmp_path / "results"),
+        settings=RunSettings(device="cpu", batch_size=8),
+        show_progress=False,
+    )
     assert outcome.ok, outcome.failed
+    from eval.fidelity import _DETECTORS as registered_detectors
+    from eval.kinds import _REGISTRY as registered_kinds
+
+    # the benchmark's scripts reached the scorer and the kind was found by name: nothing global was written
+    assert not registered_detectors and not registered_kinds
     summary = outcome.summary.to_pylist()
     got = {(r["model"], r["language"], r["metric"]): r for r in summary}
     for model in models:
@@ -216,10 +232,8 @@ def test_closed():
 # -- script-based language fidelity -------------------------------------------------------------
 @pytest.fixture
 def toy_fidelity():
-    register_toy_languages()
-    yield FidelityScorer(list(TOY_SCRIPTS))
-    for lang in TOY_SCRIPTS:
-        unregister_detector(lang)
+    # the detector is given to the scorer, as the evaluator does from a benchmark's `scripts`
+    return FidelityScorer(list(TOY_SCRIPTS), detectors={lang: TOY for lang in TOY_SCRIPTS})
 
 
 def test_script_detector_on_fixed_strings():

@@ -1,6 +1,7 @@
 """The demo end to end on a `--quick` toy world: train it, merge CP + r x (chat - base) for two
 ratios and both embedding policies on Ray actors, evaluate merges and baselines in both toy
 languages, report; and the shipped seed-0 world that `chatvec demo` uses by default."""
+
 from __future__ import annotations
 
 import io
@@ -26,8 +27,9 @@ def demo_run(tmp_path_factory, ray_cluster):
 
     out = tmp_path_factory.mktemp("demo")
     lines: list[str] = []
-    sweep_path, outcome = run_demo(out, run_id="e2e", workers=2, eval_workers=1, quick=True, limit=LIMIT,
-                                   ratios=RATIOS, echo=lines.append)
+    sweep_path, outcome = run_demo(
+        out, run_id="e2e", workers=2, eval_workers=1, quick=True, limit=LIMIT, ratios=RATIOS, echo=lines.append
+    )
     return out, sweep_path, outcome, lines
 
 
@@ -54,8 +56,9 @@ def test_sweep_merges_evaluates_and_reports(demo_run):
     out, sweep_path, outcome, lines = demo_run
     assert outcome.exit_status == 0, outcome.failed_cells
     assert "A --quick world" in (out / "store" / "reports" / "e2e" / "index.html").read_text()
-    merged = {lang: [f"toy-chat.{lang}.add.r{r:g}.emb-{e}" for e in ("all", "skip") for r in RATIOS]
-              for lang in LANGUAGES}
+    merged = {
+        lang: [f"toy-chat.{lang}.add.r{r:g}.emb-{e}" for e in ("all", "skip") for r in RATIOS] for lang in LANGUAGES
+    }
     # the L1 target has the same CP model: its merges are the L2 target's, done once
     assert sorted(outcome.merged) == sorted(merged["toy-l2"])
     uris = {m["name"]: m["uri"] for m in history.read_run_info(outcome.root, "e2e")["models"]}
@@ -130,8 +133,9 @@ def test_report_holds_every_plot_and_the_key_table(demo_run):
     per_language = 2 + 2 * len(RATIOS)  # CP, chat, the merges
     assert len(table) == 2 + 2 * per_language + 1  # header, rule, a blank line between languages
     for lang in LANGUAGES:
-        assert re.search(rf"^{lang}\s+CP \+ 1\.25 CV \(emb skip\)\s+\d\.\d\d \[\d\.\d\d, \d\.\d\d\]",
-                         "\n".join(table), re.M), lang
+        assert re.search(
+            rf"^{lang}\s+CP \+ 1\.25 CV \(emb skip\)\s+\d\.\d\d \[\d\.\d\d, \d\.\d\d\]", "\n".join(table), re.M
+        ), lang
 
 
 @pytest.mark.slow
@@ -176,7 +180,9 @@ def test_shipped_world():
     for model in ("base", "chat", "cp"):
         config = json.loads((world / model / "config.json").read_text())
         assert config["torch_dtype"] == "bfloat16"
-        assert (world / model / "model.safetensors.index.json").is_file() or (world / model / "model.safetensors").is_file()
+        assert (world / model / "model.safetensors.index.json").is_file() or (
+            world / model / "model.safetensors"
+        ).is_file()
     # the benchmark file names its data relative to itself, so the world works wherever it is
     text = (world / "benchmarks.yaml").read_text()
     assert "/" + "benchmarks/toy-task" not in text

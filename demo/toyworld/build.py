@@ -9,6 +9,7 @@ Layout under the output URI (``world.json`` is written last: a world without it 
     benchmarks.yaml            that benchmark for `chatvec eval --benchmark` (absolute URIs)
     world.json                 seed, sizes, training losses, embedding alignment diagnostics
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,19 +53,22 @@ class WorldConfig:
     max_shard_size: str | None = "1MB"
 
     @classmethod
-    def full(cls, seed: int = 0) -> "WorldConfig":
+    def full(cls, seed: int = 0) -> WorldConfig:
         return cls(seed=seed)
 
     @classmethod
-    def small(cls, seed: int = 0) -> "WorldConfig":
+    def small(cls, seed: int = 0) -> WorldConfig:
         """The ``--quick`` world: a few seconds of training; for tests, not for conclusions."""
         return cls(
-            seed=seed, quick=True, n_words=30,
+            seed=seed,
+            quick=True,
+            n_words=30,
             size=ModelSize(hidden=32, layers=2, mlp=96, heads=2, seq_len=32),
             base=Phase("base", steps=60, lr=5e-3, batch_size=16, warmup=5),
             chat=Phase("chat", steps=40, lr=3e-3, batch_size=16, warmup=5),
             cp=Phase("cp", steps=30, lr=3e-3, batch_size=16, warmup=5),
-            per_task=4, max_shard_size=None,
+            per_task=4,
+            max_shard_size=None,
         )
 
 
@@ -118,13 +122,18 @@ def _absolute(store: Store, rel: str) -> str:
 def _benchmarks_yaml(store: Store, benchmarks: dict) -> str:
     import yaml
 
-    specs = [{
-        "name": name,
-        "kind": b["kind"],
-        "description": "toy instructions (reverse, repeat, first, last); answers in the prompt's script",
-        "data": {lang: _absolute(store, rel) for lang, rel in b["data"].items()},
-        "max_new_tokens": b["max_new_tokens"],
-    } for name, b in benchmarks.items()]
+    specs = [
+        {
+            "name": name,
+            "kind": b["kind"],
+            "description": "toy instructions (reverse, repeat, first, last); answers in the prompt's script",
+            "data": {lang: _absolute(store, rel) for lang, rel in b["data"].items()},
+            "max_new_tokens": b["max_new_tokens"],
+            # no language detector knows the toy languages: the script of an answer's letters tells them apart
+            "scripts": {lang: SCRIPTS[lang] for lang in b["data"]},
+        }
+        for name, b in benchmarks.items()
+    ]
     return yaml.safe_dump({"benchmarks": specs}, sort_keys=False, allow_unicode=True)
 
 
@@ -135,8 +144,13 @@ def benchmark_specs(uri: str) -> list:
     info = load_world(uri)
     store = Store(uri)
     return [
-        BenchmarkSpec(name=name, kind=b["kind"], data={lang: _absolute(store, rel) for lang, rel in b["data"].items()},
-                      max_new_tokens=b["max_new_tokens"])
+        BenchmarkSpec(
+            name=name,
+            kind=b["kind"],
+            data={lang: _absolute(store, rel) for lang, rel in b["data"].items()},
+            max_new_tokens=b["max_new_tokens"],
+            scripts={lang: SCRIPTS[lang] for lang in b["data"]},
+        )
         for name, b in info["benchmarks"].items()
     ]
 
@@ -150,12 +164,15 @@ def build_world(out: str, config: WorldConfig | None = None, *, progress: bool =
     config = config or WorldConfig.full()
     store = Store(out)
     if store.exists(WORLD_FILE):
-        raise OutputExistsError(f"{store.describe(WORLD_FILE)} exists: a world is already built there; "
-                                "choose another --out or delete it first")
+        raise OutputExistsError(
+            f"{store.describe(WORLD_FILE)} exists: a world is already built there; "
+            "choose another --out or delete it first"
+        )
     for rel in MODELS:
         if store.list(rel):
-            raise OutputExistsError(f"{store.describe(rel)} is not empty (an unfinished build?); "
-                                    "delete it or choose another --out")
+            raise OutputExistsError(
+                f"{store.describe(rel)} is not empty (an unfinished build?); delete it or choose another --out"
+            )
     t0 = time.perf_counter()
     language = ToyLanguage.generate(config.seed, config.n_words)
     tokenizer = build_tokenizer(language)
@@ -195,22 +212,30 @@ def build_world(out: str, config: WorldConfig | None = None, *, progress: bool =
         rel = f"benchmarks/{BENCHMARK}/{lang}.jsonl"
         _write_jsonl(store, rel, items[lang])
         data[lang] = rel
-    benchmarks = {BENCHMARK: {"kind": "task", "data": data, "items": len(items[LANGUAGE_ORDER[0]]),
-                              "max_new_tokens": MAX_NEW_TOKENS}}
+    benchmarks = {
+        BENCHMARK: {
+            "kind": "task",
+            "data": data,
+            "items": len(items[LANGUAGE_ORDER[0]]),
+            "max_new_tokens": MAX_NEW_TOKENS,
+        }
+    }
     store.write_text(BENCHMARKS_FILE, _benchmarks_yaml(store, benchmarks))
 
-    summary.update({
-        "format": "chatvec-toyworld/1",
-        "seed": config.seed,
-        "quick": config.quick,
-        "config": asdict(config),
-        "languages": {lang: {"script": SCRIPTS[lang]} for lang in LANGUAGES},
-        "vocab_size": len(vocab),
-        "words_per_language": len(language.words),
-        "parameters": sum(p.numel() for p in base.parameters()),
-        "benchmarks": benchmarks,
-        "train_seconds": round(train_s, 1),
-    })
+    summary.update(
+        {
+            "format": "chatvec-toyworld/1",
+            "seed": config.seed,
+            "quick": config.quick,
+            "config": asdict(config),
+            "languages": {lang: {"script": SCRIPTS[lang]} for lang in LANGUAGES},
+            "vocab_size": len(vocab),
+            "words_per_language": len(language.words),
+            "parameters": sum(p.numel() for p in base.parameters()),
+            "benchmarks": benchmarks,
+            "train_seconds": round(train_s, 1),
+        }
+    )
     store.write_text(WORLD_FILE, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     log.info("toy world (seed %d) written to %s in %.0f s", config.seed, store.describe(), time.perf_counter() - t0)
     return summary
@@ -220,8 +245,10 @@ def load_world(uri: str) -> dict:
     """Read a built world's ``world.json``; an unfinished or missing world is an error."""
     store = Store(uri)
     if not store.exists(WORLD_FILE):
-        raise InputError(f"{store.describe()} holds no finished toy world ({WORLD_FILE} is missing); "
-                         "build one with `chatvec toyworld build --out URI`")
+        raise InputError(
+            f"{store.describe()} holds no finished toy world ({WORLD_FILE} is missing); "
+            "build one with `chatvec toyworld build --out URI`"
+        )
     return json.loads(store.read_text(WORLD_FILE))
 
 

@@ -8,6 +8,7 @@
 - chat: supervised fine-tuning on L1 instructions, loss on the answer and the closing token only.
 - cp: raw L2 text (monolingual and copy chunks), continuing the base.
 """
+
 from __future__ import annotations
 
 import random
@@ -48,8 +49,9 @@ class Corpora:
     # -- raw text ------------------------------------------------------------------------------
     def chunk(self, rng: random.Random, mix: Mixture) -> list[str]:
         lang = self.language
-        kind = rng.choices(("mono", "code_switched", "parallel", "copy"),
-                           (mix.mono, mix.code_switched, mix.parallel, mix.copy))[0]
+        kind = rng.choices(
+            ("mono", "code_switched", "parallel", "copy"), (mix.mono, mix.code_switched, mix.parallel, mix.copy)
+        )[0]
         target = "toy-l2" if rng.random() < mix.l2_share else "toy-l1"
         s = lang.sentence(rng)
         if kind == "mono":

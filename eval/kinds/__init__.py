@@ -3,8 +3,9 @@
 A kind is a ``eval.kinds.base.Kind`` subclass. To add one, either drop a module into this package
 whose name is the kind's name (``-`` written as ``_``) and which sets ``KIND = TheClass``, e.g.
 ``eval/kinds/task.py`` for a ``task`` kind (found automatically), or call ``register_kind(cls)``
-from anywhere before the run.
+from anywhere before the run (nothing is registered during a run).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -42,7 +43,7 @@ def kind_class(name: str) -> type[Kind]:
     cls = getattr(module, "KIND", None) if module is not None and name not in ("base",) else None
     if cls is None or getattr(cls, "name", None) != name:
         raise InputError(f"unknown benchmark kind {name!r}; known kinds: {', '.join(kind_names())}")
-    _REGISTRY[name] = cls
+    # not added to _REGISTRY: that holds explicit registrations only; the import system keeps the module
     return cls
 
 

@@ -5,18 +5,19 @@ that generate answers also record language fidelity; kinds whose metric needs a 
 metric's score empty with ``judge_status`` ``pending`` (a judge was given: the judge phase fills
 it) or ``no_judge`` (none was given: it stays unscored, never invented).
 """
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from eval.engines.base import Decoding, Generation, GenerationRequest
 from eval.schema import NO_JUDGE, NOT_JUDGED, PENDING
 
 if TYPE_CHECKING:
-    from eval.benchmarks import BenchmarkSpec
     from eval.engines.base import Engine
     from eval.fidelity import FidelityScorer
     from eval.prompts import Prompts
@@ -37,30 +38,49 @@ class FieldSpec:
 ID_FIELD = FieldSpec("id", (str, int), required=False, doc="unique item id (default: the line number)")
 
 
+class BenchmarkSettings(Protocol):
+    """What a kind reads of its benchmark. ``eval.benchmarks.BenchmarkSpec`` is one; kinds do not
+    import it, so that benchmarks (which look kinds up by name) and kinds import one way only."""
+
+    name: str
+    kind: str
+    data: dict[str, str]
+    max_new_tokens: int | None
+    temperature: float
+    repetition_penalty: float
+    seed: int
+    system_prompt: str | None
+    options: dict[str, Any]
+
+
 @dataclass
 class CellContext:
     """Everything a kind needs to run one (model, language, benchmark) cell."""
 
-    engine: "Engine"
-    prompts: "Prompts"
-    fidelity: "FidelityScorer"
-    spec: "BenchmarkSpec"
+    engine: Engine
+    prompts: Prompts
+    fidelity: FidelityScorer
+    spec: BenchmarkSettings
     language: str
     judge: bool  # a judge will score judged metrics later
     max_new_tokens: int | None = None  # a run-wide cap (quick runs, demos)
     progress: bool = False
 
-    def decoding(self, kind: "Kind") -> Decoding:
+    def decoding(self, kind: Kind) -> Decoding:
         n = self.spec.max_new_tokens or kind.default_max_new_tokens
         if self.max_new_tokens:
             n = min(n, self.max_new_tokens)
-        return Decoding(max_new_tokens=n, temperature=self.spec.temperature,
-                        repetition_penalty=self.spec.repetition_penalty, seed=self.spec.seed)
+        return Decoding(
+            max_new_tokens=n,
+            temperature=self.spec.temperature,
+            repetition_penalty=self.spec.repetition_penalty,
+            seed=self.spec.seed,
+        )
 
     def messages(self, turns: Sequence[tuple[str, str]]) -> list[dict]:
         return self.prompts.conversation(turns, system=self.spec.system_prompt)
 
-    def ask(self, kind: "Kind", questions: Sequence[str]) -> tuple[list[str], list[Generation]]:
+    def ask(self, kind: Kind, questions: Sequence[str]) -> tuple[list[str], list[Generation]]:
         """Each question as the user's only message, answered with ``kind``'s decoding:
         (rendered prompts, answers), in question order."""
         dec = self.decoding(kind)
@@ -165,5 +185,17 @@ def answer_fields(ctx: CellContext, prompt: str, gen: Generation) -> dict:
 
 def in_language_row(item_id: str, fields: dict, details: str | None = None) -> dict:
     value = fields["in_language"]
-    return row(item_id, "in_language", None if value is None else float(value), details=details,
-               error=None if value is not None else "no language detector for this language", **fields)
+    return row(
+        item_id,
+        "in_language",
+        None if value is None else float(value),
+        details=details,
+        error=None if value is not None else _no_language_reason(fields),
+        **fields,
+    )
+
+
+def _no_language_reason(fields: dict) -> str:
+    if fields.get("detected_language") == "undetermined":
+        return "too little prose to tell its language (undetermined, not a failure)"
+    return "no language detector for this language"

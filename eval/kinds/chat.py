@@ -5,6 +5,7 @@ Item fields: ``question`` (string), ``reference`` (string, optional: the answer 
 Metrics: ``judge_score`` (0-10, judged) and ``in_language`` (1 when the answer is in the
 benchmark's language and script).
 """
+
 from __future__ import annotations
 
 from eval.judge import parse_rating
@@ -45,9 +46,12 @@ class ChatKind(RatedKind):
         rows = []
         for item, prompt, gen in zip(items, prompts, gens):
             fields = answer_fields(ctx, prompt, gen)
-            details = dumps({"question": item["question"], "reference": item.get("reference"),
-                             "category": item.get("category")})
-            rows.append(row(item["id"], "judge_score", None, judge_status=ctx.pending_status, details=details, **fields))
+            details = dumps(
+                {"question": item["question"], "reference": item.get("reference"), "category": item.get("category")}
+            )
+            rows.append(
+                row(item["id"], "judge_score", None, judge_status=ctx.pending_status, details=details, **fields)
+            )
             rows.append(in_language_row(item["id"], fields, details))
         return rows
 

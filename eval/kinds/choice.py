@@ -8,6 +8,7 @@ Metrics: ``acc`` (highest log-likelihood) and ``acc_norm`` (highest log-likeliho
 of the option, as lm-evaluation-harness normalises, so tokenizers of different granularity
 compare fairly).
 """
+
 from __future__ import annotations
 
 import string
@@ -73,8 +74,16 @@ class ChoiceKind(Kind):
                 response=item["choices"][pred],
                 prompt_tokens=len(ctx_ids),
                 completion_tokens=sum(r.tokens for r in lls),
-                details=dumps({"logprobs": logprobs, "chars": chars, "tokens": [r.tokens for r in lls],
-                               "answer": gold, "pred": pred, "pred_norm": pred_norm}),
+                details=dumps(
+                    {
+                        "logprobs": logprobs,
+                        "chars": chars,
+                        "tokens": [r.tokens for r in lls],
+                        "answer": gold,
+                        "pred": pred,
+                        "pred_norm": pred_norm,
+                    }
+                ),
             )
             rows.append(row(item["id"], "acc", float(pred == gold), **fields))
             rows.append(row(item["id"], "acc_norm", float(pred_norm == gold), **fields))

@@ -12,6 +12,7 @@ row per document (``item_id`` = ``<task>/<doc_id>``), so the summary's mean and 
 the same code as for our own kinds; a metric lm-eval only computes over the whole corpus (BLEU,
 word perplexity) becomes one row holding lm-eval's aggregate, with ``item_id`` ``<task>/all``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -83,7 +84,8 @@ def make_lm(ctx: CellContext):
                 dec = Decoding(
                     max_new_tokens=int(kwargs.get("max_gen_toks", base.max_new_tokens)),
                     temperature=float(kwargs.get("temperature", 1.0)) if sample else 0.0,
-                    repetition_penalty=base.repetition_penalty, seed=base.seed,
+                    repetition_penalty=base.repetition_penalty,
+                    seed=base.seed,
                 )
                 reqs.append(GenerationRequest(encode_context(context), dec))
             out = []
@@ -117,25 +119,39 @@ def result_rows(results: dict) -> list[dict]:
     """Rows from lm_eval.simple_evaluate(..., log_samples=True) output."""
     rows = []
     for task, samples in (results.get("samples") or {}).items():
-        task_metrics = {k.split(",")[0] for k in results.get("results", {}).get(task, {})
-                        if "," in k and "_stderr" not in k}
+        task_metrics = {
+            k.split(",")[0] for k in results.get("results", {}).get(task, {}) if "," in k and "_stderr" not in k
+        }
         per_doc: set[str] = set()
         for s in samples:
             prompt = s.get("arguments")
-            first = prompt[0][0] if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (list, tuple)) else None
+            first = (
+                prompt[0][0]
+                if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], (list, tuple))
+                else None
+            )
             resp = s.get("filtered_resps")
             for metric in sorted(task_metrics):
                 value = _scalar(s.get(metric))
                 if value is None:
                     continue
                 per_doc.add(metric)
-                rows.append(row(f"{task}/{s.get('doc_id')}", metric, value, prompt=str(first) if first else None,
-                                response=None if resp is None else str(resp)[:2000],
-                                details=dumps({"task": task, "target": str(s.get("target"))[:500]})))
+                rows.append(
+                    row(
+                        f"{task}/{s.get('doc_id')}",
+                        metric,
+                        value,
+                        prompt=str(first) if first else None,
+                        response=None if resp is None else str(resp)[:2000],
+                        details=dumps({"task": task, "target": str(s.get("target"))[:500]}),
+                    )
+                )
         for metric in sorted(task_metrics - per_doc):
             for key, value in results["results"][task].items():
                 if key.split(",")[0] == metric and _scalar(value) is not None:
-                    rows.append(row(f"{task}/all", metric, float(value), details=dumps({"task": task, "aggregate": True})))
+                    rows.append(
+                        row(f"{task}/all", metric, float(value), details=dumps({"task": task, "aggregate": True}))
+                    )
                     break
     return rows
 
@@ -158,8 +174,12 @@ class LmEvalKind(Kind):
         tasks = [t.strip() for t in ctx.spec.data[ctx.language].split(",") if t.strip()]
         manager = TaskManager(include_path=opts.get("include_path"))
         results = lm_eval.simple_evaluate(
-            model=make_lm(ctx), tasks=tasks, num_fewshot=opts.get("num_fewshot"), limit=opts.get("limit"),
-            log_samples=True, apply_chat_template=bool(opts.get("apply_chat_template", False)),
+            model=make_lm(ctx),
+            tasks=tasks,
+            num_fewshot=opts.get("num_fewshot"),
+            limit=opts.get("limit"),
+            log_samples=True,
+            apply_chat_template=bool(opts.get("apply_chat_template", False)),
             task_manager=manager,
         )
         if results is None:

@@ -6,6 +6,7 @@ optional: a reference for the last answer), ``id`` (optional). The model answers
 each turn seeing its own earlier answers. Metrics: ``judge_score`` (last answer) and
 ``in_language`` (last answer).
 """
+
 from __future__ import annotations
 
 from eval.engines.base import GenerationRequest
@@ -57,7 +58,9 @@ class MultiturnKind(RatedKind):
             fields = answer_fields(ctx, prompt, gen)
             fields["prompt_tokens"], fields["completion_tokens"] = totals[i]
             details = dumps({"turns": item["turns"], "answers": answers[i], "reference": item.get("reference")})
-            rows.append(row(item["id"], "judge_score", None, judge_status=ctx.pending_status, details=details, **fields))
+            rows.append(
+                row(item["id"], "judge_score", None, judge_status=ctx.pending_status, details=details, **fields)
+            )
             rows.append(in_language_row(item["id"], fields, details))
         return rows
 

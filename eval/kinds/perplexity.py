@@ -8,6 +8,7 @@ mean of item perplexities) and ``bits_per_byte`` (total NLL in bits / total UTF-
 perplexity, comparable between models with different tokenizers, e.g. a CP model with an
 extended vocabulary against its base).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ def windows(ids: list[int], start: int, max_length: int) -> list[tuple[list[int]
     pos = max(start, 1)
     while pos < len(ids):
         end = min(len(ids), pos + max_length - 1)
-        context = ids[max(0, end - max_length):pos]
+        context = ids[max(0, end - max_length) : pos]
         out.append((context, ids[pos:end]))
         pos = end
     return out
@@ -72,7 +73,7 @@ class PerplexityKind(Kind):
         se = None
         if n > 1:
             # ratio estimator: residuals of each item's NLL against its share of the total
-            var = sum((p["nll"] - mean * p[denom_key]) ** 2 for p in parts) / (n - 1) * n / total ** 2
+            var = sum((p["nll"] - mean * p[denom_key]) ** 2 for p in parts) / (n - 1) * n / total**2
             se = math.sqrt(var)
         if metric == "perplexity":
             value = math.exp(mean)

@@ -10,17 +10,18 @@ Metrics per answer:
   item's ``answer_other_script`` spelling: the skill, whatever the script.
 - ``closed``: the model ended its answer with its closing (eos) token instead of running into the
   token limit: the chat *format*, independent of the content.
-- ``in_language``: the answer is written in the benchmark's language (its script, for the toy
-  languages), as for every generated answer.
+- ``in_language``: the answer is written in the benchmark's language (its script, for languages
+  the benchmark declares by script), as for every generated answer.
 
-Language fidelity for languages that a script alone identifies (the toy languages; any language
-lingua does not know but whose script is given) goes through ``eval.fidelity.ScriptDetector``.
+Language fidelity for languages that a script alone identifies (a synthetic language lingua does
+not know) comes from the benchmark's ``scripts`` (language -> script), which the evaluator turns
+into an ``eval.fidelity.ScriptDetector`` for the cell; the kind itself knows no language.
 """
+
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Sequence
 
-from eval.fidelity import ScriptDetector, register_detector
 from eval.kinds.base import CellContext, FieldSpec, Kind, answer_fields, dumps, in_language_row, row
 
 # Sentence-final marks a model may add after an otherwise exact answer.
@@ -62,21 +63,6 @@ def closed(finished: bool | None) -> float | None:
     return None if finished is None else (1.0 if finished else 0.0)
 
 
-# -- language fidelity by script ---------------------------------------------------------------
-# The toy world's languages (demo/toyworld): L2 is L1 written in Cyrillic, so the script of an
-# answer's letters tells which language it is in; lingua knows neither language.
-TOY_SCRIPTS = {"toy-l1": "Latin", "toy-l2": "Cyrillic"}
-
-
-def register_script_languages(scripts: Mapping[str, str]) -> ScriptDetector:
-    """Detect answers expected in these languages by script (eval.fidelity's registry)."""
-    return ScriptDetector(dict(scripts)).register()
-
-
-def register_toy_languages() -> ScriptDetector:
-    return register_script_languages(TOY_SCRIPTS)
-
-
 # -- the kind -----------------------------------------------------------------------------------
 class TaskKind(Kind):
     name = "task"
@@ -84,24 +70,28 @@ class TaskKind(Kind):
     fields = (
         FieldSpec("prompt", (str,), doc="the instruction, sent as the user's message"),
         FieldSpec("answer", (str,), doc="the expected answer in the benchmark's language"),
-        FieldSpec("answer_other_script", (str,), required=False,
-                  doc="the same answer in the other script, word for word"),
+        FieldSpec(
+            "answer_other_script", (str,), required=False, doc="the same answer in the other script, word for word"
+        ),
         FieldSpec("task", (str,), required=False, doc="the task's name"),
     )
     metrics = ("exact_match", "either_script", "closed", "in_language")
     default_max_new_tokens = 32
 
     def run(self, items: list[dict], ctx: CellContext) -> list[dict]:
-        if ctx.language in TOY_SCRIPTS:
-            # idempotent; the scorer looks detectors up per answer, so this takes effect now
-            register_detector(ctx.language, ScriptDetector(TOY_SCRIPTS))
         prompts, gens = ctx.ask(self, [item["prompt"] for item in items])
         rows = []
         for item, prompt, gen in zip(items, prompts, gens):
             fields = answer_fields(ctx, prompt, gen)
             spellings = [item["answer"]] + ([item["answer_other_script"]] if item.get("answer_other_script") else [])
-            details = dumps({"answer": item["answer"], "answer_other_script": item.get("answer_other_script"),
-                             "task": item.get("task"), "finished": gen.finished})
+            details = dumps(
+                {
+                    "answer": item["answer"],
+                    "answer_other_script": item.get("answer_other_script"),
+                    "task": item.get("task"),
+                    "finished": gen.finished,
+                }
+            )
             scores = {
                 "exact_match": exact_match(gen.text, item["answer"]),
                 "either_script": either_script_match(gen.text, spellings),

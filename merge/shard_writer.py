@@ -6,6 +6,7 @@ bytes, a writer puts them in the file in order and a hasher computes the shard's
 it. The shard header is known from the plan, so output streams tensor by tensor and memory
 stays at a few job buffers (MAX_IN_FLIGHT bytes) whatever the shard size.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,24 +14,30 @@ import json
 import logging
 import os
 import queue
+import socket
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 
 from merge.compute import Scratch, compute_job
 from merge.errors import ChatvecError, InputError
-from merge.jobs import task_jobs
+from merge.fused import warm_up
+from merge.jobs import Job, task_jobs
 from merge.kernels import make_backend
 from merge.plan import MergePlan
 from merge.storage import RangeReader, Store
+from merge.ties_threshold import attach_thresholds
 
 logger = logging.getLogger(__name__)
 
 RECORDS = ".chatvec/shards"
 # input + output job bytes allowed in flight between the stages
 MAX_IN_FLIGHT = 96 << 20
+# Merges this large load the fused kernel (merge/fused.py): measured, numba's import and code
+# load cost about 0.4 CPU-seconds, what the kernel saves on roughly 1 GB of bf16 output.
+FUSED_MIN_BYTES = 1_000_000_000
 _DONE = object()
 
 
@@ -39,6 +46,12 @@ class ShardResult:
     filename: str
     nbytes: int
     sha256: str
+    written_by: str = ""  # the worker that wrote the file (see worker_name)
+
+
+def worker_name(role: str = "in-process") -> str:
+    """Who writes a shard, as the manifest records it: role, host and process id."""
+    return f"{role} pid {os.getpid()} on {socket.gethostname()}"
 
 
 class _Pool:
@@ -102,6 +115,11 @@ class Readers:
             r = self._open[file] = store.open_reader(rel)
         return r
 
+    def read_inputs(self, job: Job, buf: np.ndarray) -> None:
+        """The job's input bytes into the front of `buf`, where compute_job expects them."""
+        for r in job.reads:
+            self.get(r.file).readinto_at(r.offset, memoryview(buf)[r.at : r.at + r.nbytes])
+
     def close(self) -> None:
         for r in self._open.values():
             r.close()
@@ -125,17 +143,21 @@ def compute_threads(device: str) -> int:
     return max(1, min(4, (os.cpu_count() or 1) - 3))
 
 
-class Engine:
-    """What stays alive across the shards one process writes: backend, buffers, open files."""
+class ShardWriter:
+    """Writes output shards of one plan in this process; keeps alive across shards what is
+    worth keeping: the arithmetic backend, job buffers and the open input files."""
 
-    def __init__(self, plan: MergePlan, device: str = "cpu", threads: int | None = None) -> None:
+    def __init__(self, plan: MergePlan, device: str = "cpu", threads: int | None = None, worker: str = "") -> None:
         self.plan = plan
+        self.worker = worker or worker_name()
         self.backend = make_backend(device)
         self.device = self.backend.name
         self.readers = Readers(plan)
         self.pool = self._new_pool()
         self.threads = threads or compute_threads(self.device)
         self.scratch = [Scratch(self.backend, self.backend.step) for _ in range(self.threads)]
+        if self.scratch[0].fused_work is not None and plan.total_bytes >= FUSED_MIN_BYTES:
+            warm_up()
 
     def _new_pool(self) -> _Pool:
         return _Pool(MAX_IN_FLIGHT, getattr(self.backend, "host_buffer", None))
@@ -143,10 +165,10 @@ class Engine:
     def close(self) -> None:
         self.readers.close()
 
-    def write_shard(self, index: int, out_uri: str, on_bytes: Callable[[int], None] | None = None) -> ShardResult:
+    def write(self, index: int, store: Store, on_bytes: Callable[[int], None] | None = None) -> ShardResult:
+        """Write output shard `index` into `store` and record it (see the module docstring)."""
         plan = self.plan
         shard = plan.shards[index]
-        store = Store(out_uri)
         jobs = [j for t in plan.shard_tasks(index) for j in task_jobs(t)]
         if self.pool.closed:
             self.pool = self._new_pool()
@@ -169,12 +191,11 @@ class Engine:
 
         def read_loop() -> None:
             try:
-                for seq, job in enumerate(jobs):
+                for seq, job in enumerate(attach_thresholds(jobs, self.readers.read_inputs)):
                     buf = pool.take(job.in_bytes + job.out_bytes)
                     if stop.is_set():
                         break
-                    for r in job.reads:
-                        self.readers.get(r.file).readinto_at(r.offset, memoryview(buf)[r.at: r.at + r.nbytes])
+                    self.readers.read_inputs(job, buf)
                     to_compute.put((seq, job, buf))
             except _Stopped:
                 pass
@@ -192,7 +213,7 @@ class Engine:
                         break
                     seq, job, buf = item
                     # output bytes go after the inputs in the same buffer: one take, one give
-                    compute_job(self.backend, job, buf, buf[job.in_bytes: job.in_bytes + job.out_bytes], scratch)
+                    compute_job(self.backend, job, buf, buf[job.in_bytes : job.in_bytes + job.out_bytes], scratch)
                     with done_cv:
                         done[seq] = (job, buf)
                         done_cv.notify_all()
@@ -211,7 +232,7 @@ class Engine:
                             if stop.is_set():
                                 raise _Stopped()
                             job, buf = done.pop(seq)
-                        view = memoryview(buf)[job.in_bytes: job.in_bytes + job.out_bytes]
+                        view = memoryview(buf)[job.in_bytes : job.in_bytes + job.out_bytes]
                         fh.write(view)
                         to_hash.put((job, buf))
                     to_hash.put(_DONE)
@@ -236,7 +257,7 @@ class Engine:
                 if job is None:
                     data, n = buf, len(buf)
                 else:
-                    data, n = memoryview(buf)[job.in_bytes: job.in_bytes + job.out_bytes], job.out_bytes
+                    data, n = memoryview(buf)[job.in_bytes : job.in_bytes + job.out_bytes], job.out_bytes
                 sha.update(data)
                 written[0] += n
                 if job is not None:
@@ -246,8 +267,10 @@ class Engine:
 
         hasher = threading.Thread(target=hash_loop, name="chatvec-hash", daemon=True)
         threads = [threading.Thread(target=read_loop, name="chatvec-read", daemon=True)]
-        threads += [threading.Thread(target=compute_loop, args=(sc,), name=f"chatvec-compute-{k}", daemon=True)
-                    for k, sc in enumerate(self.scratch)]
+        threads += [
+            threading.Thread(target=compute_loop, args=(scratch,), name=f"chatvec-compute-{k}", daemon=True)
+            for k, scratch in enumerate(self.scratch)
+        ]
         threads.append(threading.Thread(target=write_loop, name="chatvec-write", daemon=True))
         hasher.start()
         for t in threads:
@@ -268,26 +291,10 @@ class Engine:
             if isinstance(err, OSError):
                 raise InputError(f"writing {store.describe(shard.filename)} failed: {err}") from err
             raise err
-        result = ShardResult(shard.filename, shard.nbytes, sha.hexdigest())
+        result = ShardResult(shard.filename, shard.nbytes, sha.hexdigest(), self.worker)
         record = {**asdict(result), "fingerprint": plan.fingerprint()}
         store.write_text(f"{RECORDS}/{shard.filename}.json", json.dumps(record, indent=1))
         return result
-
-
-def write_shard(
-    plan: MergePlan,
-    index: int,
-    out_uri: str,
-    *,
-    device: str = "cpu",
-    on_bytes: Callable[[int], None] | None = None,
-) -> ShardResult:
-    """Write output shard `index` of `plan` into `out_uri` and record it (see module docstring)."""
-    engine = Engine(plan, device)
-    try:
-        return engine.write_shard(index, out_uri, on_bytes)
-    finally:
-        engine.close()
 
 
 def hash_file(store: Store, rel: str, chunk: int = 8 << 20) -> str:
@@ -304,27 +311,26 @@ def hash_file(store: Store, rel: str, chunk: int = 8 << 20) -> str:
     return sha.hexdigest()
 
 
-def completed_shards(plan: MergePlan, out_uri: str) -> dict[int, ShardResult]:
+def completed_shards(plan: MergePlan, store: Store) -> dict[int, ShardResult]:
     """Shards already written for this very plan, verified by size and a fresh sha256."""
-    store = Store(out_uri)
     if not store.exists(RECORDS):
         return {}
-    fp = plan.fingerprint()
+    fingerprint = plan.fingerprint()
     done: dict[int, ShardResult] = {}
     for i, shard in enumerate(plan.shards):
         rel = f"{RECORDS}/{shard.filename}.json"
         if not store.is_file(rel):
             continue
         try:
-            rec = json.loads(store.read_text(rel))
+            record = json.loads(store.read_text(rel))
         except (ValueError, InputError):
             continue
-        if rec.get("fingerprint") != fp or rec.get("nbytes") != shard.nbytes:
+        if record.get("fingerprint") != fingerprint or record.get("nbytes") != shard.nbytes:
             continue
         if store.size(shard.filename) != shard.nbytes:
             continue
-        if hash_file(store, shard.filename) != rec.get("sha256"):
+        if hash_file(store, shard.filename) != record.get("sha256"):
             logger.warning("%s does not match its record; it will be written again", store.describe(shard.filename))
             continue
-        done[i] = ShardResult(shard.filename, shard.nbytes, rec["sha256"])
+        done[i] = ShardResult(shard.filename, shard.nbytes, record["sha256"], str(record.get("written_by", "")))
     return done

@@ -1,0 +1,13 @@
+"""Errors only evaluation raises. The shared ones (InputError, ConfigError, ...) are in merge/errors.py."""
+
+from __future__ import annotations
+
+from merge.errors import ChatvecError
+
+
+class BenchmarkDataError(ChatvecError):
+    """A benchmark file is malformed (names the file, line and field)."""
+
+
+class NewerSchemaError(ChatvecError):
+    """A results file was written by a newer chatvec, with a schema this one cannot read."""

@@ -1,0 +1,414 @@
+"""The evaluation, once: plan the cells, generate, judge, summarize.
+
+The unit of work is a *cell*, (model, language, benchmark). ``run_pipeline`` is the whole run:
+
+1. plan: names checked, benchmark data read and checked (bad data fails here, before any model
+   loads), the run id claimed, the cells planned, each with the identity of its inputs
+   (``eval.identity``); a finished cell whose inputs changed is redone, and the run says why;
+2. generate: per model, one evaluator loads the model's engine ONCE and runs that model's cells;
+   each cell's samples file is written as soon as the cell is done;
+3. judge: one judge backend (``eval.judging``) fills in the judged metrics of every cell that
+   waits for it (or was judged by another judge), rewriting those cells' files;
+4. summarize: the summary table, written to ``summary.parquet``.
+
+Where the cells run is a ``CellExecutor``: ``eval.runner.InProcessExecutor`` runs them in this
+process; ``cluster.eval_driver.RayExecutor`` on Ray actors. An executor only schedules: what a
+cell does is ``eval.runner.ModelEvaluator`` / ``JudgeRunner`` in both.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import pyarrow as pa
+
+from eval.benchmarks import BenchmarkSpec, check_name, filter_languages, resolve_benchmarks
+from eval.identity import CellIdentity, cell_identity, model_identity
+from eval.preflight import check_models
+from eval.results import (
+    Cell,
+    claim_run,
+    identity_of,
+    read_cell_identity,
+    read_samples,
+    summarize,
+    write_samples,
+    write_summary,
+)
+from eval.schema import NEEDS_JUDGE, NOT_JUDGED, PENDING, samples_table
+from merge.errors import InputError
+from merge.storage import Store
+
+logger = logging.getLogger(__name__)
+
+DONE, FAILED, SKIPPED = "done", "failed", "skipped"
+GENERATE, JUDGE = "generate", "judge"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Run-wide settings that travel with the work to wherever it runs."""
+
+    engine: str = "hf"
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 16
+    gpus_per_engine: int = 1  # vLLM tensor_parallel_size
+    max_new_tokens: int | None = None  # caps every benchmark's own setting, and the judge's (quick runs)
+    judge_max_new_tokens: int = 2048  # room for a judge that reasons before it rates
+    limit: int | None = None  # at most this many items per cell
+    cache_dir: str | None = None  # local copies of remote models
+    progress: bool = False  # per-batch progress bars inside a cell
+    engine_options: dict = field(default_factory=dict)  # the engine's own settings (eval.vllm of the config)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every evaluator of a run needs, wherever it runs (picklable: it goes to actors)."""
+
+    out_uri: str
+    run_id: str
+    settings: RunSettings
+    languages: tuple[str, ...]  # every language of the run (language detection compares them)
+    judged: bool  # a judge will score the judged metrics
+    judge_identity: str | None = None  # recorded in the identity of judged cells
+
+
+@dataclass
+class ModelJob:
+    """One model's cells, run by one evaluator that loads the model once."""
+
+    model: str
+    uri: str
+    cells: list[Cell]
+    identity: str | None = None  # eval.identity.model_identity, or a merge fingerprint for swapped weights
+
+
+@dataclass
+class CellResult:
+    model: str
+    language: str
+    benchmark: str
+    state: str  # done, failed, skipped
+    stage: str  # generate or judge
+    error: str | None = None
+    rows: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.language}/{self.benchmark}"
+
+    @classmethod
+    def of(cls, cell: Cell, state: str, stage: str, **kw) -> CellResult:
+        return cls(cell.model, cell.language, cell.benchmark, state, stage, **kw)
+
+
+@dataclass
+class EvalOutcome:
+    run_id: str
+    out_uri: str
+    summary: pa.Table
+    results: list[CellResult] = field(default_factory=list)
+    loads: dict[str, int] = field(default_factory=dict)  # model URI -> engine loads this run
+    cells: int = 0
+    redone: dict[str, list[str]] = field(default_factory=dict)  # cell key -> why it was computed again
+
+    @property
+    def failed(self) -> list[CellResult]:
+        return [r for r in self.results if r.state == FAILED]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def counts(self) -> dict[str, int]:
+        gen = [r for r in self.results if r.stage == GENERATE]
+        return {
+            "cells": self.cells,
+            "generated": sum(r.state == DONE for r in gen),
+            "skipped": sum(r.state == SKIPPED for r in gen),
+            "judged": sum(r.state == DONE for r in self.results if r.stage == JUDGE),
+            "failed": len(self.failed),
+            "prompt_tokens": sum(r.prompt_tokens for r in self.results),
+            "completion_tokens": sum(r.completion_tokens for r in self.results),
+        }
+
+
+class Progress:
+    """Cells done / total and tokens per second, on one tqdm bar."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="cell", disable=not enabled or total == 0)
+        self.start = time.perf_counter()
+        self.tokens = 0
+        self.failed = 0
+
+    def update(self, result: CellResult) -> None:
+        self.tokens += result.prompt_tokens + result.completion_tokens
+        self.failed += result.state == FAILED
+        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{rate:,.0f} tok/s" + (f", {self.failed} failed" if self.failed else ""))
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class CellExecutor(Protocol):
+    """Runs cells somewhere. Each method returns the cells' results and the engine loads it made
+    (model URI -> count)."""
+
+    def start(self, settings: RunSettings) -> RunSettings:
+        """Get ready (start Ray, check resources); may adjust the settings to what it found."""
+        ...
+
+    def generate(
+        self, run: RunContext, jobs: Sequence[ModelJob], progress: Progress
+    ) -> tuple[list[CellResult], dict[str, int]]: ...
+
+    def judge(
+        self, run: RunContext, judge: str, cells: Sequence[Cell], progress: Progress
+    ) -> tuple[list[CellResult], dict[str, int]]: ...
+
+
+# -- planning -------------------------------------------------------------------------------------
+def plan_cells(
+    models: Mapping[str, str],
+    benchmarks: Iterable[str | BenchmarkSpec] | None = None,
+    languages: Iterable[str] | None = None,
+) -> list[Cell]:
+    """Every (model, language, benchmark) cell, model by model. ``benchmarks`` None = all shipped
+    samples; ``languages`` None = every language each benchmark has."""
+    if not models:
+        raise InputError("name at least one model: --model NAME=URI")
+    for name in models:
+        check_name(name, "model name")
+    pairs = filter_languages(resolve_benchmarks(benchmarks), languages)
+    return [Cell(model, lang, spec.name, spec) for model in models for spec, lang in pairs]
+
+
+def check_benchmark_data(cells: Sequence[Cell]) -> dict[tuple[str, str], list[dict]]:
+    """Read every (benchmark, language) once so bad data fails before any model loads; returns
+    the items by (benchmark, language)."""
+    from eval.items import load_items
+
+    items: dict[tuple[str, str], list[dict]] = {}
+    for cell in cells:
+        if (cell.benchmark, cell.language) not in items:
+            items[(cell.benchmark, cell.language)] = load_items(cell.spec, cell.language)
+    return items
+
+
+def plan_run(
+    models: Mapping[str, str], *, benchmarks, languages, store: Store, run_id: str | None
+) -> tuple[str, list[Cell], dict[tuple[str, str], list[dict]]]:
+    """The cells, with every benchmark's data checked before anything is written, then the run
+    id claimed in ``store``: (run id, cells, items by (benchmark, language))."""
+    cells = plan_cells(models, benchmarks, languages)
+    items = check_benchmark_data(cells)
+    check_models(models)  # unusable model folders fail the run before any model loads
+    return claim_run(store, run_id), cells, items
+
+
+def prepare_run(
+    models: Mapping[str, str], *, benchmarks=None, languages=None, out_uri: str | Store, run_id: str | None = None
+) -> tuple[str, list[Cell]]:
+    """``plan_run`` for callers that drive the evaluators themselves: (run id, cells)."""
+    store = out_uri if isinstance(out_uri, Store) else Store(out_uri)
+    run_id, cells, _items = plan_run(models, benchmarks=benchmarks, languages=languages, store=store, run_id=run_id)
+    return run_id, cells
+
+
+def planned_identities(
+    cells: Sequence[Cell],
+    items: Mapping[tuple[str, str], list[dict]],
+    model_ids: Mapping[str, str | None],
+    settings: RunSettings,
+) -> dict[Cell, CellIdentity]:
+    """The identity each cell would have if computed now."""
+    out = {}
+    for cell in cells:
+        used = items[(cell.benchmark, cell.language)]
+        if settings.limit:
+            used = used[: settings.limit]
+        out[cell] = cell_identity(
+            model=model_ids.get(cell.model), spec=cell.spec, language=cell.language, items=used, settings=settings
+        )
+    return out
+
+
+def cells_to_generate(
+    store: Store, cells: Sequence[Cell], planned: Mapping[Cell, CellIdentity] | None = None
+) -> tuple[list[Cell], dict[str, list[str]]]:
+    """The cells to compute: those without a samples file, and those whose recorded identity
+    differs from ``planned`` (their stale file is removed, so its numbers cannot be summarized
+    with the others). Returns (cells, {cell key: reasons}) for the redone ones."""
+    todo, redone = [], {}
+    for cell in cells:
+        recorded = read_cell_identity(store, cell)
+        if recorded is False:  # no samples file
+            todo.append(cell)
+            continue
+        if planned is None:
+            continue
+        if recorded is None:
+            reasons = ["no record of its inputs (written by an older chatvec)"]
+        else:
+            reasons = planned[cell].changes(recorded)
+        if reasons:
+            todo.append(cell)
+            redone[cell.key] = reasons
+            store.delete(cell.samples_rel)
+    return todo, redone
+
+
+def cells_to_judge(
+    store: Store, cells: Sequence[Cell], judge_identity: str | None = None
+) -> tuple[list[Cell], dict[str, list[str]]]:
+    """Cells with rows waiting for a judge, and cells judged by another judge than this one. The
+    latter's judgments are forgotten first (their rows wait again), so a judge phase that fails
+    leaves them unscored, never scored by the old judge next to cells scored by the new one."""
+    todo, rejudged = [], {}
+    for cell in cells:
+        table = read_samples(store, cell)
+        if table is None:
+            continue
+        statuses = table.column("judge_status").to_pylist()
+        judged = [s for s in statuses if s != NOT_JUDGED and s not in NEEDS_JUDGE]
+        waiting = [s for s in statuses if s in NEEDS_JUDGE]
+        recorded = identity_of(table)
+        if judged and judge_identity is not None and (recorded is None or recorded.judge != judge_identity):
+            write_samples(store, cell, forget_judgments(table), (recorded or CellIdentity()).with_judge(None))
+            rejudged[cell.key] = ["the judge changed"]
+            todo.append(cell)
+        elif waiting:
+            todo.append(cell)
+    return todo, rejudged
+
+
+def forget_judgments(table: pa.Table) -> pa.Table:
+    """The samples with every judged row waiting for a judge again (score and judgment cleared)."""
+    rows = table.to_pylist()
+    for r in rows:
+        if r["judge_status"] != NOT_JUDGED:
+            r.update(score=None, judge_status=PENDING, judge_raw=None, judge_model=None, error=None)
+    return samples_table(rows)
+
+
+def languages_in_play(cells: Sequence[Cell]) -> tuple[str, ...]:
+    return tuple(sorted({c.language for c in cells}))
+
+
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute (actors run elsewhere); URIs and Hugging Face ids unchanged."""
+    import os
+
+    from merge.storage import is_local, local_path
+
+    if not is_local(uri):
+        return uri
+    path = local_path(uri)
+    if os.path.isabs(path) or (not os.path.exists(path) and path.count("/") == 1 and not path.startswith(".")):
+        return path  # absolute already, or an org/name repo id
+    return os.path.abspath(path)
+
+
+def absolute_run_args(models: Mapping[str, str], judge: str | None, out_uri: str):
+    return (
+        {k: absolute_uri(v) for k, v in models.items()},
+        absolute_uri(judge) if judge else None,
+        absolute_uri(out_uri),
+    )
+
+
+def _merge_loads(total: dict[str, int], more: Mapping[str, int]) -> None:
+    for uri, n in more.items():
+        if n:
+            total[uri] = total.get(uri, 0) + n
+
+
+def _tell_redone(redone: Mapping[str, list[str]], what: str) -> None:
+    for key, reasons in redone.items():
+        logger.warning("%s %s again: %s", what, key, "; ".join(reasons))
+
+
+# -- the run --------------------------------------------------------------------------------------
+def run_pipeline(
+    models: Mapping[str, str],
+    *,
+    benchmarks=None,
+    languages=None,
+    judge: str | None = None,
+    out_uri: str,
+    run_id: str | None = None,
+    settings: RunSettings = RunSettings(),  # noqa: B008 - frozen, so one shared default is safe
+    executor: CellExecutor | None = None,
+    show_progress: bool = True,
+    model_identities: Mapping[str, str] | None = None,
+) -> EvalOutcome:
+    """Evaluate ``models`` ({name: uri}) on benchmarks x languages into ``out_uri``, cells run by
+    ``executor`` (default: in this process). ``model_identities`` overrides the identity of named
+    models (weights swapped into an engine carry their merge fingerprint)."""
+    from eval.judging import judge_identity
+
+    models, judge, out_uri = absolute_run_args(models, judge, out_uri)
+    store = Store(out_uri)  # the run's one Store for its output
+    if executor is None:
+        from eval.runner import InProcessExecutor
+
+        executor = InProcessExecutor(store)
+    run_id, cells, items = plan_run(models, benchmarks=benchmarks, languages=languages, store=store, run_id=run_id)
+    ids = {m: (model_identities or {}).get(m) or model_identity(uri) for m, uri in models.items()}
+    planned = planned_identities(cells, items, ids, settings)
+    todo, redone = cells_to_generate(store, cells, planned)
+    _tell_redone(redone, "computing")
+    settings = executor.start(settings)
+    run = RunContext(
+        out_uri=out_uri,
+        run_id=run_id,
+        settings=settings,
+        languages=languages_in_play(cells),
+        judged=judge is not None,
+        judge_identity=judge_identity(judge, settings) if judge else None,
+    )
+    todo_set = set(todo)
+    results = [CellResult.of(c, SKIPPED, GENERATE) for c in cells if c not in todo_set]
+    loads: dict[str, int] = {}
+    jobs = [ModelJob(m, uri, [c for c in todo if c.model == m], ids[m]) for m, uri in models.items()]
+    jobs = [j for j in jobs if j.cells]
+    if jobs:
+        progress = Progress(len(todo), "eval", show_progress)
+        try:
+            got, made = executor.generate(run, jobs, progress)
+        finally:
+            progress.close()
+        results += got
+        _merge_loads(loads, made)
+    if judge is not None:
+        pending, rejudged = cells_to_judge(store, cells, run.judge_identity)
+        _tell_redone({k: v for k, v in rejudged.items() if k not in redone}, "judging")
+        for key, reasons in rejudged.items():
+            redone.setdefault(key, []).extend(r for r in reasons if r not in redone.get(key, []))
+        if pending:
+            progress = Progress(len(pending), "judge", show_progress)
+            try:
+                got, made = executor.judge(run, judge, pending, progress)
+            finally:
+                progress.close()
+            results += got
+            _merge_loads(loads, made)
+    summary = summarize(store, run_id)
+    write_summary(store, summary)
+    return EvalOutcome(
+        run_id=run_id, out_uri=out_uri, summary=summary, results=results, loads=loads, cells=len(cells), redone=redone
+    )

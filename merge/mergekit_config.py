@@ -1,0 +1,107 @@
+"""`chatvec merge --mergekit-config config.yml`: mergekit's YAML for its task-vector methods.
+
+Accepted (anything else is a ConfigError naming the key)::
+
+    merge_method: task_arithmetic | ties | dare_ties | dare_linear
+    base_model: BASE
+    models:
+      - model: CP
+        parameters: {weight: 1.0}
+      - model: CHAT
+        parameters: {weight: 0.5, density: 0.9}
+    parameters: {normalize: false, lambda: 1.0, rescale: true, weight: ..., density: ...}
+    dtype: bfloat16
+
+The merge is then mergekit's general form, base + lambda * combine(weight_i, model_i - base),
+computed as merge/gta.py says; for the chat vector: base_model BASE, models CP with weight 1 and
+CHAT with weight R. Defaults per method as mergekit's: normalize for ties, rescale for the dare
+methods, sign consensus for ties and dare_ties. A model equal to base_model is skipped, as
+mergekit skips it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from merge.recipe import MergekitMode, Recipe, VectorSpec
+
+# mergekit's method -> chatvec's sparsification of each vector (merge/methods.py)
+_SPARSIFY = {"task_arithmetic": "add", "ties": "ties", "dare_ties": "dare_ties", "dare_linear": "dare"}
+_CONSENSUS = {"ties", "dare_ties"}
+_NORMALIZE_BY_DEFAULT = {"ties"}
+_RESCALE_BY_DEFAULT = {"dare_ties", "dare_linear"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ModelParameters(_Strict):
+    weight: float | None = None
+    density: float | None = Field(default=None, gt=0.0, le=1.0)
+
+
+class ModelEntry(_Strict):
+    model: str
+    parameters: ModelParameters = ModelParameters()
+
+
+class MergeParameters(ModelParameters):
+    normalize: bool | None = None
+    rescale: bool | None = None
+    lambda_: float = Field(default=1.0, alias="lambda")
+    int8_mask: bool = False  # only the dtype of mergekit's mask; the result is the same
+
+
+class MergekitConfig(_Strict):
+    merge_method: Literal["task_arithmetic", "ties", "dare_ties", "dare_linear"]
+    base_model: str
+    models: list[ModelEntry] = Field(min_length=1)
+    parameters: MergeParameters = MergeParameters()
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None
+
+
+def recipe_from_mergekit(config: MergekitConfig) -> Recipe:
+    """The chatvec recipe (in mergekit mode) that computes `config`."""
+    from merge.checkpoint import normalize_uri
+    from merge.errors import ConfigError
+
+    method = config.merge_method
+    p = config.parameters
+    base = normalize_uri(config.base_model)
+    vectors = []
+    for i, entry in enumerate(config.models):
+        if normalize_uri(entry.model) == base:
+            continue
+        weight = entry.parameters.weight if entry.parameters.weight is not None else p.weight
+        if weight is None:
+            raise ConfigError(f"models[{i}] ({entry.model}) has no weight: give parameters: {{weight: ...}}")
+        density = entry.parameters.density if entry.parameters.density is not None else p.density
+        vectors.append(
+            VectorSpec(
+                base=config.base_model,
+                chat=entry.model,
+                ratio=weight,
+                method=_SPARSIFY[method],
+                density=1.0 if density is None else density,
+            )
+        )
+    if not vectors:
+        raise ConfigError("the mergekit config lists no model besides base_model: nothing to merge")
+    mode = MergekitMode(
+        method=method,
+        normalize=p.normalize if p.normalize is not None else method in _NORMALIZE_BY_DEFAULT,
+        rescale=p.rescale if p.rescale is not None else method in _RESCALE_BY_DEFAULT,
+        lambda_=p.lambda_,
+        consensus=method in _CONSENSUS,
+    )
+    return Recipe(cp=config.base_model, vectors=vectors, dtype=config.dtype, mergekit=mode)
+
+
+def load_mergekit_config(path_or_uri: str) -> Recipe:
+    """Read a mergekit YAML (local path or storage URI); ConfigError names every bad key."""
+    from merge.yamlconfig import load_model
+
+    return recipe_from_mergekit(load_model(str(path_or_uri), MergekitConfig))

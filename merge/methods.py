@@ -1,0 +1,70 @@
+"""The merge methods, one entry each: what the recipe, the kernels, the sweep and the CLI know.
+
+A new method is one entry here plus its arithmetic in merge/compute.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    summary: str
+    # recipe fields the method reads (every method reads `ratio`)
+    parameters: tuple[str, ...]
+    # True when an output element depends on the whole tensor (TIES' trim threshold is a
+    # statistic of all of it), so the tensor is computed as one job
+    whole_tensor: bool
+    # True when entries are dropped by the seeded random rule of merge/kernels.py (DARE)
+    random_drop: bool
+    # True when the method's vectors are combined by TIES' sign election and disjoint mean
+    # (merge/compute.py) instead of being added
+    sign_election: bool
+    # how the kept entries are rescaled, in words (README and --help)
+    rescale: str
+
+
+METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in (
+        MergeMethod(
+            "add",
+            "cp + ratio * tau",
+            ("ratio",),
+            whole_tensor=False,
+            random_drop=False,
+            sign_election=False,
+            rescale="none",
+        ),
+        MergeMethod(
+            "ties",
+            "trim to the top density of |tau|, elect a sign, disjoint mean (Yadav et al. 2023)",
+            ("ratio", "density"),
+            whole_tensor=True,
+            random_drop=False,
+            sign_election=True,
+            rescale="none",
+        ),
+        MergeMethod(
+            "dare",
+            "drop entries at random, keep each with probability density (Yu et al. 2024)",
+            ("ratio", "density", "seed"),
+            whole_tensor=False,
+            random_drop=True,
+            sign_election=False,
+            rescale="kept entries / density",
+        ),
+        MergeMethod(
+            "dare_ties",
+            "dare's random drop and rescale, then ties' sign election and disjoint mean",
+            ("ratio", "density", "seed"),
+            whole_tensor=False,
+            random_drop=True,
+            sign_election=True,
+            rescale="kept entries / density",
+        ),
+    )
+}
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)

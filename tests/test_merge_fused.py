@@ -1,0 +1,95 @@
+"""The fused kernel (merge/fused.py) gives the numpy path's bytes, special values included."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 8}
+
+
+def _ckpt(folder: Path, bits: dict[str, np.ndarray]) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    tensors = {k: torch.from_numpy(v.astype(np.int16)).view(torch.bfloat16) for k, v in bits.items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """bf16 models of random 16-bit patterns: NaNs, infinities, subnormals, signed zeros and all."""
+    root = tmp_path_factory.mktemp("fused")
+    rng = np.random.default_rng(7)
+    shapes = {"a": (300, 257), "b": (5000,), "c": (1 << 21) + 3}  # c spans two jobs
+    out = {}
+    for role in ("base", "chat1", "chat2", "cp"):
+        bits = {k: rng.integers(0, 1 << 16, size=s, dtype=np.uint16) for k, s in shapes.items()}
+        # a run of every pattern, so each one meets the rounding at least once
+        bits["b"][: 1 << 12] = np.arange(1 << 16, dtype=np.uint16)[::16]
+        out[role] = _ckpt(root / role, bits)
+    return out
+
+
+def _jobs(models, vectors):
+    from merge.jobs import task_jobs
+    from merge.plan import build_plan
+    from merge.recipe import Recipe, VectorSpec
+
+    specs = [VectorSpec(base=str(models["base"]), chat=str(models[c]), **kw) for c, kw in vectors]
+    plan = build_plan(Recipe(cp=str(models["cp"]), vectors=specs))
+    return plan, [j for i in range(len(plan.shards)) for t in plan.shard_tasks(i) for j in task_jobs(t)]
+
+
+@pytest.mark.parametrize(
+    "vectors",
+    [
+        [("chat1", dict(ratio=0.5))],
+        [("chat1", dict(ratio=0.7)), ("chat2", dict(ratio=-1.3))],
+        [("chat1", dict(ratio=1.0, method="dare", density=1.0, seed=3))],
+    ],
+    ids=["one", "two", "dare-density-1"],
+)
+def test_fused_kernel_gives_the_numpy_bytes(models, vectors):
+    pytest.importorskip("numba")
+    from merge.compute import Scratch, compute_job
+    from merge.fused import try_fused
+    from merge.kernels import NumpyBackend
+    from merge.shard_writer import Readers
+
+    plan, jobs = _jobs(models, vectors)
+    backend = NumpyBackend()
+    numpy_only = Scratch(backend, backend.step)
+    numpy_only.fused_work = None
+    work = np.empty(3 * 4096, np.uint32)
+    readers = Readers(plan)
+    fused = 0
+    with np.errstate(all="ignore"):
+        for job in jobs:
+            buf = np.empty(job.in_bytes, np.uint8)
+            readers.read_inputs(job, buf)
+            want = np.empty(job.out_bytes, np.uint8)
+            compute_job(backend, job, buf, want, numpy_only)
+            got = np.full(job.out_bytes, 0xAB, np.uint8)
+            if try_fused(job, buf, got, work, wait=True):
+                fused += 1
+                assert np.array_equal(got, want), job.task.name
+    readers.close()
+    assert fused == len(jobs) == 4
+
+
+def test_jobs_it_does_not_cover_take_the_numpy_path(models):
+    pytest.importorskip("numba")
+    from merge.fused import try_fused
+
+    _, jobs = _jobs(models, [("chat1", dict(ratio=0.5, method="dare", density=0.5))])
+    _, ties = _jobs(models, [("chat1", dict(ratio=0.5, method="ties", density=0.5))])
+    work = np.empty(3 * 4096, np.uint32)
+    for job in jobs + ties:
+        assert not try_fused(job, np.empty(job.in_bytes, np.uint8), np.empty(job.out_bytes, np.uint8), work, wait=True)

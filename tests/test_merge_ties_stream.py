@@ -1,0 +1,127 @@
+"""TIES' threshold found in a streaming pass (merge/ties_threshold.py) is np.partition's, exactly,
+whatever the job size, and the merged bytes do not depend on how a tensor is cut into jobs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def triple(tmp_path_factory):
+    from demo.tiny import build_triple
+
+    return build_triple(tmp_path_factory.mktemp("ties"), "llama", seed=41, cp_extra_tokens=2, chat_extra_tokens=3)
+
+
+def _plan(t, density: float, **extra):
+    from merge.plan import build_plan
+    from merge.recipe import Recipe, VectorSpec
+
+    vectors = [
+        VectorSpec(base=str(t.base), chat=str(t.chat), ratio=0.8, method="ties", density=density),
+        VectorSpec(base=str(t.base), chat=str(t.cp), ratio=0.3, method="ties", density=density / 2),
+    ]
+    return build_plan(Recipe(cp=str(t.cp), vectors=vectors, **extra))
+
+
+def _full_abs_tau(plan, task, term_index: int) -> np.ndarray:
+    """|tau| of the whole tensor the plain way (zeros where the vector has no row)."""
+    from merge.job_buffer import tau_into
+    from merge.jobs import task_jobs
+    from merge.kernels import NumpyBackend
+    from merge.shard_writer import Readers
+
+    readers = Readers(plan)
+    full = np.zeros(task.numel, np.float32)
+    for job in task_jobs(task):
+        buf = np.empty(job.in_bytes, np.uint8)
+        readers.read_inputs(job, buf)
+        for p in job.terms[term_index].pieces:
+            tau_into(
+                NumpyBackend(),
+                buf,
+                p,
+                p.out,
+                p.out + p.n,
+                full[job.start + p.out : job.start + p.out + p.n],
+                np.empty(p.n, np.float32),
+            )
+    readers.close()
+    return np.abs(full)
+
+
+@pytest.mark.parametrize(("job_elems", "density"), [(37, 0.3), (1000, 0.9), (1 << 21, 0.3)])
+def test_streaming_threshold_is_the_kth_largest(triple, monkeypatch, job_elems, density):
+    import merge.jobs
+    from merge.kernels import ties_threshold_k
+    from merge.shard_writer import Readers
+    from merge.ties_threshold import term_threshold
+
+    plan = _plan(triple, density, embeddings="by-token")
+    monkeypatch.setattr(merge.jobs, "JOB_ELEMS", job_elems)
+    readers = Readers(plan)
+    checked = 0
+    for task in plan.tasks.values():
+        for i, term in enumerate(task.terms):
+            a = _full_abs_tau(plan, task, i)
+            k = ties_threshold_k(term.density, sum(s.n for s in term.segments))
+            want = None if k >= a.size else float(np.partition(a, a.size - k)[a.size - k])
+            assert term_threshold(task, i, readers.read_inputs) == want, task.name
+            checked += 1
+    readers.close()
+    assert checked > 10
+
+
+def test_merged_bytes_do_not_depend_on_the_job_size(triple, tmp_path, monkeypatch):
+    import merge.jobs
+    from merge.pipeline import merge_local
+
+    merge_local(_plan(triple, 0.4, embeddings="by-token"), str(tmp_path / "one"), progress=False)
+    monkeypatch.setattr(merge.jobs, "JOB_ELEMS", 777)
+    merge_local(_plan(triple, 0.4, embeddings="by-token"), str(tmp_path / "many"), progress=False)
+    shards = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
+    assert shards
+    for name in shards:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "many" / name).read_bytes(), name
+
+
+def test_threshold_with_ties_zeros_and_specials(tmp_path):
+    """Many equal magnitudes, zeros, infinities and NaNs: the same pick as np.partition."""
+    import torch
+    from safetensors.torch import save_file
+
+    from merge.plan import build_plan
+    from merge.recipe import Recipe, VectorSpec
+    from merge.shard_writer import Readers
+    from merge.ties_threshold import term_threshold
+
+    rng = np.random.default_rng(5)
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 8}
+    n = 20_000
+    values = {
+        "base": np.zeros(n, np.float32),
+        "chat": rng.choice(np.array([0.0, -0.0, 1.5, -1.5, 2.0, np.inf, -np.inf, np.nan], np.float32), size=n),
+        "cp": np.ones(n, np.float32),
+    }
+    for role, v in values.items():
+        (tmp_path / role).mkdir()
+        save_file({"w": torch.from_numpy(v)}, str(tmp_path / role / "model.safetensors"), metadata={"format": "pt"})
+        (tmp_path / role / "config.json").write_text(json.dumps(config))
+    a = np.abs(values["chat"])
+    for density in (0.05, 0.2, 0.5, 0.7, 0.99):
+        recipe = Recipe(
+            cp=str(tmp_path / "cp"),
+            vectors=[
+                VectorSpec(base=str(tmp_path / "base"), chat=str(tmp_path / "chat"), method="ties", density=density)
+            ],
+        )
+        plan = build_plan(recipe)
+        readers = Readers(plan)
+        got = term_threshold(plan.tasks["w"], 0, readers.read_inputs)
+        readers.close()
+        k = int(np.ceil(density * n - 1e-9))
+        want = np.partition(a, n - k)[n - k]
+        assert (np.isnan(want) and got is not None and np.isnan(got)) or got == float(want), density
