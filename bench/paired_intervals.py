@@ -48,8 +48,8 @@ def main() -> None:
         results = Path(args.results) if args.results else demo_results(Path(tmp))
         info = json.loads((results / "sweep.json").read_text(encoding="utf-8"))
         samples = load_samples(str(results))
-    lay = _layout([ModelInfo.from_dict(m) for m in info["models"]], [])
-    rows = paired_rows(samples, lay, seed=args.seed)
+    layout = _layout([ModelInfo.from_dict(m) for m in info["models"]], [])
+    rows = paired_rows(samples, layout, seed=args.seed)
     head = (
         f"{'target':8s} {'model':24s} {'against':8s} {'metric':14s} {'n':>4s} {'diff':>7s} "
         f"{'paired':>7s} {'unpaired':>8s} {'ratio':>6s}"
@@ -87,7 +87,7 @@ def main() -> None:
     _medians("merged against CP / chat", ratios)
     _medians(
         "merged against merged (same target: neighbouring ratios, all against skip)",
-        _merged_pairs(samples, lay, args.seed),
+        _merged_pairs(samples, layout, args.seed),
     )
 
 
@@ -100,14 +100,14 @@ def _medians(title: str, ratios: dict[str, list[float]]) -> None:
         print(f"    {'all':14s} {statistics.median(every):5.2f}x  ({len(every)} comparisons)")
 
 
-def _merged_pairs(samples: list[dict], lay, seed: int) -> dict[str, list[float]]:
+def _merged_pairs(samples: list[dict], layout, seed: int) -> dict[str, list[float]]:
     """Ratios for pairs of merged models of one target that differ in one setting."""
     from eval.paired import compare_models
 
     by_model: dict[str, list[dict]] = {}
     for r in samples:
         by_model.setdefault(r["model"], []).append(r)
-    merged = [m for m in lay.models.values() if m.role == "merged"]
+    merged = [m for m in layout.models.values() if m.role == "merged"]
     ratios: dict[str, list[float]] = {}
     for i, a in enumerate(merged):
         for b in merged[i + 1 :]:
@@ -116,7 +116,7 @@ def _merged_pairs(samples: list[dict], lay, seed: int) -> dict[str, list[float]]
             same_policy = a.embeddings == b.embeddings
             if not ((same_policy and a.ratio != b.ratio) or (not same_policy and a.ratio == b.ratio)):
                 continue
-            for t in lay.targets:
+            for t in layout.targets:
                 if t.name != a.target:
                     continue
                 ra = [r for r in by_model.get(a.name, []) if r["language"] == t.language]

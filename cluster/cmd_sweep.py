@@ -243,7 +243,8 @@ def results(run, root, config_path, compare, k):
         regs = sum(c.regression for c in both)
         better = sum(c.improvement for c in both)
         click.echo(
-            f"\n{len(both)} comparable rows: {regs} regression(s), {better} improvement(s) beyond {k:g} x the combined stderr"
+            f"\n{len(both)} comparable rows: {regs} regression(s), {better} improvement(s) (paired interval where both "
+            f"runs scored the same items, else beyond {k:g} x the combined stderr)"
         )
         return 0
     if run:

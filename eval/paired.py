@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -63,11 +63,6 @@ class PairedDiff:
         if self.unpaired_lo is None or self.unpaired_hi is None:
             return None
         return self.unpaired_hi - self.unpaired_lo
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["excludes_zero"] = self.excludes_zero
-        return out
 
 
 def is_binary(values: Iterable[float]) -> bool:

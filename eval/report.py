@@ -148,16 +148,16 @@ def _pool(rows: list[dict]) -> tuple[float, float, int] | None:
     return mean, se, sum(int(r.get("n") or 0) for r in rows)
 
 
-def _cells(rows: list[dict], lay: _Layout, metric: str) -> dict[tuple[str, str], tuple[float, float, int]]:
+def _cells(rows: list[dict], layout: _Layout, metric: str) -> dict[tuple[str, str], tuple[float, float, int]]:
     """(target, variant) -> pooled (mean, stderr, n) of ``metric``."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         if r["metric"] != metric:
             continue
-        m = lay.models[r["model"]]
-        for t in lay.targets:
+        m = layout.models[r["model"]]
+        for t in layout.targets:
             if t.language == r["language"] and applies(m, t):
-                groups.setdefault((t.name, lay.label[m.name]), []).append(r)
+                groups.setdefault((t.name, layout.label[m.name]), []).append(r)
     return {k: p for k, v in groups.items() if (p := _pool(v)) is not None}
 
 
@@ -194,7 +194,7 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]], row_class: Seq
     return "\n".join(out) + "</table>"
 
 
-def _fidelity_html(rows: list[dict], lay: _Layout) -> str:
+def _fidelity_html(rows: list[dict], layout: _Layout) -> str:
     metric = next((m for m in FIDELITY_METRICS if any(r["metric"] == m for r in rows)), None)
     if metric is None:
         return "<p>No generated answers were scored for language fidelity in this run.</p>"
@@ -203,14 +203,14 @@ def _fidelity_html(rows: list[dict], lay: _Layout) -> str:
     for r in rows:
         if r["metric"] != metric or r.get("value") is None:
             continue
-        m = lay.models[r["model"]]
-        for t in lay.targets:
+        m = layout.models[r["model"]]
+        for t in layout.targets:
             if t.language == r["language"] and applies(m, t):
-                groups.setdefault((lay.label[m.name], t.name), []).append(r)
+                groups.setdefault((layout.label[m.name], t.name), []).append(r)
     body = []
-    for v in lay.variants:
+    for v in layout.variants:
         line: list[Any] = [v]
-        for t in lay.targets:
+        for t in layout.targets:
             g = groups.get((v, t.name))
             n = sum(int(r.get("n") or 0) for r in g) if g else 0
             if not g or n == 0:
@@ -223,7 +223,7 @@ def _fidelity_html(rows: list[dict], lay: _Layout) -> str:
             line.append(f"{100 * share:.0f}% (n={n}{extra}) [{100 * lo:.0f}–{100 * hi:.0f}]")
         if any(x is not None for x in line[1:]):
             body.append(line)
-    heads = ["model"] + [target_title(t) for t in lay.targets]
+    heads = ["model"] + [target_title(t) for t in layout.targets]
     return (
         f"<p>Share of generated answers written in the target language (metric <code>{metric}</code>, "
         "all generating benchmarks of the target pooled), with its 95% Wilson interval in brackets. "
@@ -240,16 +240,16 @@ def headline_table(summary: pa.Table, models: Sequence[ModelInfo] = ()) -> tuple
     Headers are ``target, model`` and then the headline metrics present (eval/report_plots.py
     HEADLINE); rows follow the report's model order. Empty when no headline metric was scored."""
     rows = summary.to_pylist()
-    lay = _layout(list(models), rows)
-    return _headline_rows(rows, lay, headline_metrics({r["metric"] for r in rows}))
+    layout = _layout(list(models), rows)
+    return _headline_rows(rows, layout, headline_metrics({r["metric"] for r in rows}))
 
 
-def _headline_rows(rows: list[dict], lay: _Layout, headline) -> tuple[list[str], list[list[str]]]:
-    cells = {metric: _cells(rows, lay, metric) for metric, _ in headline}
+def _headline_rows(rows: list[dict], layout: _Layout, headline) -> tuple[list[str], list[list[str]]]:
+    cells = {metric: _cells(rows, layout, metric) for metric, _ in headline}
     heads = ["target", "model"] + [metric for metric, _ in headline]
     body = []
-    for t in lay.targets:
-        for v in lay.variants:
+    for t in layout.targets:
+        for v in layout.variants:
             if not any((t.name, v) in cells[metric] for metric, _ in headline):
                 continue
             line = [target_title(t), v]
@@ -263,12 +263,12 @@ def _headline_rows(rows: list[dict], lay: _Layout, headline) -> tuple[list[str],
     return heads, body
 
 
-def _overview_html(rows: list[dict], lay: _Layout, metrics: Sequence[str], images: list[tuple[str, bytes]]) -> str:
+def _overview_html(rows: list[dict], layout: _Layout, metrics: Sequence[str], images: list[tuple[str, bytes]]) -> str:
     headline = headline_metrics(metrics)
     if not headline:
         return ""
     out = ["<h2>At a glance</h2>"]
-    png = plot_overview(headline, {m: _cells(rows, lay, m) for m, _ in headline}, lay)
+    png = plot_overview(headline, {m: _cells(rows, layout, m) for m, _ in headline}, layout)
     if png is not None:
         images.append(("overview.png", png))
         out.append('<img class="wide" src="overview.png" alt="headline metrics against ratio">')
@@ -278,7 +278,7 @@ def _overview_html(rows: list[dict], lay: _Layout, metrics: Sequence[str], image
         "embedding policy / vector / method; solid grey: the CP model; dashed purple: the chat "
         "model (shaded: their intervals).</p>"
     )
-    policies = {m.embeddings or "all" for m in lay.models.values() if m.role == "merged"}
+    policies = {m.embeddings or "all" for m in layout.models.values() if m.role == "merged"}
     if policies - {"all"}:
         said = {
             "all": "all: the vector is added to every tensor",
@@ -291,7 +291,7 @@ def _overview_html(rows: list[dict], lay: _Layout, metrics: Sequence[str], image
             + "; ".join(html.escape(said.get(p, p)) for p in sorted(policies))
             + ".</p>"
         )
-    heads, body = _headline_rows(rows, lay, headline)
+    heads, body = _headline_rows(rows, layout, headline)
     out.append(_table(heads, body))
     return "\n".join(out)
 
@@ -383,11 +383,11 @@ def write_report(
     rows = summary.to_pylist()
     if samples is None and results_uri is not None:
         samples = load_samples(results_uri)
-    lay = _layout(list(models), rows)
+    layout = _layout(list(models), rows)
     metrics = sorted({r["metric"] for r in rows})
     hist_rows = history.to_pylist() if history is not None else []
     parts = [f"<h1>{html.escape(title or 'chatvec report')}: run {html.escape(run_id)}</h1>"]
-    meta = [f"{len(lay.models)} models", f"{len(lay.targets)} targets", f"{len(rows)} summary rows"]
+    meta = [f"{len(layout.models)} models", f"{len(layout.targets)} targets", f"{len(rows)} summary rows"]
     if created_at:
         meta.insert(0, html.escape(created_at))
     parts.append(f'<p class="meta">{" · ".join(meta)}</p>')
@@ -398,25 +398,25 @@ def write_report(
     if changes is not None:
         parts.append("<h2>Regressions</h2>" + _changes_html(changes, previous_run, k, paired_changes))
     images: list[tuple[str, bytes]] = []
-    parts.append(_overview_html(rows, lay, metrics, images))
-    parts.append("<h2>Language fidelity</h2>" + _fidelity_html(rows, lay))
+    parts.append(_overview_html(rows, layout, metrics, images))
+    parts.append("<h2>Language fidelity</h2>" + _fidelity_html(rows, layout))
     pages = []
     if samples:
-        parts.append("<h2>Paired comparisons</h2>" + paired_html(paired_rows(samples, lay), lower_is_better))
-        judged = judge_status_html(samples, lay)
+        parts.append("<h2>Paired comparisons</h2>" + paired_html(paired_rows(samples, layout), lower_is_better))
+        judged = judge_status_html(samples, layout)
         if judged:
             parts.append("<h2>Judging</h2>" + judged)
         # CP first, chat last, the merged models between them, as a reader compares them
         rank = {"cp": 0, "merged": 1, "extra": 2, "chat": 3}
         order = sorted(
-            (m for v in lay.variants for m in lay.models if lay.label[m] == v),
-            key=lambda m: rank.get(lay.models[m].role, 2),
+            (m for v in layout.variants for m in layout.models if layout.label[m] == v),
+            key=lambda m: rank.get(layout.models[m].role, 2),
         )
         pages = write_pages(
             store,
             samples,
-            labels=lay.label,
-            roles={m.name: m.role for m in lay.models.values()},
+            labels=layout.label,
+            roles={m.name: m.role for m in layout.models.values()},
             order=order,
             title=title or "",
         )
@@ -427,7 +427,7 @@ def write_report(
     else:
         parts.append(f'<p class="meta">{html.escape(INTERVAL_NOTE)}</p>')
     for i, metric in enumerate(metrics):
-        cells = _cells(rows, lay, metric)
+        cells = _cells(rows, layout, metric)
         if not cells:
             unscored = sum(int(r.get("n_unscored") or 0) for r in rows if r["metric"] == metric)
             parts.append(
@@ -441,13 +441,13 @@ def write_report(
             f"<h3>{html.escape(metric)}</h3><p class='meta'>benchmarks: {html.escape(', '.join(benchmarks))}</p>"
         )
         stem = f"{i:02d}-{_slug(metric)}"
-        images.append((f"heatmap-{stem}.png", plot_heatmap(metric, cells, lay)))
+        images.append((f"heatmap-{stem}.png", plot_heatmap(metric, cells, layout)))
         parts.append(f'<img class="heat" src="heatmap-{stem}.png" alt="{html.escape(metric)} heatmap">')
-        ratio_png = plot_ratio(metric, cells, lay)
+        ratio_png = plot_ratio(metric, cells, layout)
         if ratio_png is not None:
             images.append((f"ratio-{stem}.png", ratio_png))
             parts.append(f'<br><img class="wide" src="ratio-{stem}.png" alt="{html.escape(metric)} against ratio">')
-        trend_png = _trend(metric, hist_rows, list(history_runs), lay) if hist_rows else None
+        trend_png = _trend(metric, hist_rows, list(history_runs), layout) if hist_rows else None
         if trend_png is not None:
             images.append((f"trend-{stem}.png", trend_png))
             parts.append(f'<p class="meta">trend over runs {html.escape(", ".join(history_runs))}:</p>')
@@ -457,8 +457,18 @@ def write_report(
         _table(
             ["label", "name", "role", "target", "ratio", "vector", "method", "embeddings", "uri"],
             [
-                [lay.label[m.name], m.name, m.role, m.target or "all", m.ratio, m.vector, m.method, m.embeddings, m.uri]
-                for m in lay.models.values()
+                [
+                    layout.label[m.name],
+                    m.name,
+                    m.role,
+                    m.target or "all",
+                    m.ratio,
+                    m.vector,
+                    m.method,
+                    m.embeddings,
+                    m.uri,
+                ]
+                for m in layout.models.values()
             ],
         )
     )
@@ -478,9 +488,9 @@ def write_report(
     return store.describe(INDEX)
 
 
-def _trend(metric: str, hist_rows: list[dict], runs: list[str], lay: _Layout) -> bytes | None:
-    per_run = {rid: _cells([r for r in hist_rows if r["run"] == rid], lay, metric) for rid in runs}
-    return plot_trend(metric, per_run, runs, lay)
+def _trend(metric: str, hist_rows: list[dict], runs: list[str], layout: _Layout) -> bytes | None:
+    per_run = {rid: _cells([r for r in hist_rows if r["run"] == rid], layout, metric) for rid in runs}
+    return plot_trend(metric, per_run, runs, layout)
 
 
 def _slug(text: str) -> str:

@@ -21,14 +21,14 @@ from eval.paired import PairedDiff, compare_models
 from eval.schema import NOT_JUDGED
 
 
-def paired_rows(samples: Sequence[Mapping[str, Any]], lay: Any, *, seed: int = 0) -> list[dict]:
+def paired_rows(samples: Sequence[Mapping[str, Any]], layout: Any, *, seed: int = 0) -> list[dict]:
     """One dict per (target, merged model, reference, benchmark, metric)."""
     by_model: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for r in samples:
         by_model[r["model"]].append(r)
     out = []
-    for t in lay.targets:
-        in_target = [m for m in lay.models.values() if (m.target == t.name if m.target else True)]
+    for t in layout.targets:
+        in_target = [m for m in layout.models.values() if (m.target == t.name if m.target else True)]
         refs = [m for m in in_target if m.role in ("cp", "chat")]
         for m in in_target:
             if m.role != "merged":
@@ -45,9 +45,9 @@ def paired_rows(samples: Sequence[Mapping[str, Any]], lay: Any, *, seed: int = 0
                         {
                             "target": t,
                             "model": m.name,
-                            "label": lay.label[m.name],
+                            "label": layout.label[m.name],
                             "ref": ref.name,
-                            "ref_label": lay.label[ref.name],
+                            "ref_label": layout.label[ref.name],
                             "benchmark": bench,
                             "metric": metric,
                             "diff": d,
@@ -130,14 +130,14 @@ def paired_html(rows: list[dict], lower_is_better) -> str:
     )
 
 
-def judge_status_html(samples: Sequence[Mapping[str, Any]], lay: Any) -> str:
+def judge_status_html(samples: Sequence[Mapping[str, Any]], layout: Any) -> str:
     """Counts of judged rows by outcome, per model and benchmark; '' when nothing was judged."""
     counts: dict[tuple[str, str, str, str], Counter] = defaultdict(Counter)
     for r in samples:
         status = r.get("judge_status")
         if status in (None, NOT_JUDGED):
             continue
-        label = lay.label.get(r["model"], r["model"])
+        label = layout.label.get(r["model"], r["model"])
         counts[(label, r["language"], r["benchmark"], r["metric"])][status] += 1
     if not counts:
         return ""

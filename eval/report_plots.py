@@ -115,14 +115,14 @@ def _figure(w: float, h: float):
     return Figure(figsize=(w, h), layout="constrained")
 
 
-def _target_panels(lay):
+def _target_panels(layout):
     """A figure with a panel per target, at most three a row: (figure, axes grid, [(panel, target)])."""
-    n = len(lay.targets)
+    n = len(layout.targets)
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
     fig = _figure(4.6 * ncols, 3.4 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes, [(axes[idx // ncols][idx % ncols], t) for idx, t in enumerate(lay.targets)]
+    return fig, axes, [(axes[idx // ncols][idx % ncols], t) for idx, t in enumerate(layout.targets)]
 
 
 def _finish(fig, axes, n: int) -> None:
@@ -147,12 +147,12 @@ def _finish(fig, axes, n: int) -> None:
 
 
 # -- plots ---------------------------------------------------------------------------------------
-def plot_heatmap(metric: str, cells: dict, lay) -> bytes:
+def plot_heatmap(metric: str, cells: dict, layout) -> bytes:
     import numpy as np
     from matplotlib import colormaps
 
-    cols = [v for v in lay.variants if any((t.name, v) in cells for t in lay.targets)]
-    rows = [t for t in lay.targets if any((t.name, v) in cells for v in cols)]
+    cols = [v for v in layout.variants if any((t.name, v) in cells for t in layout.targets)]
+    rows = [t for t in layout.targets if any((t.name, v) in cells for v in cols)]
     data = np.full((len(rows), len(cols)), np.nan)
     for i, t in enumerate(rows):
         for j, v in enumerate(cols):
@@ -181,21 +181,21 @@ def plot_heatmap(metric: str, cells: dict, lay) -> bytes:
     return _png(fig)
 
 
-def _merged(lay) -> list:
-    return [m for m in lay.models.values() if m.role == "merged" and m.ratio is not None]
+def _merged(layout) -> list:
+    return [m for m in layout.models.values() if m.role == "merged" and m.ratio is not None]
 
 
-def _draw_ratio(ax, metric: str, cells: dict, lay, t, names: list[str], ratios: list[float]) -> None:
+def _draw_ratio(ax, metric: str, cells: dict, layout, t, names: list[str], ratios: list[float]) -> None:
     """One panel: a line per series (vector, method, embedding policy) over the ratios, with 95%
     error bars; the CP and chat models as horizontal lines with their interval as a band."""
     series: dict[str, list[tuple[float, float, float, float]]] = {}
-    for m in _merged(lay):
-        key = (t.name, lay.label[m.name])
+    for m in _merged(layout):
+        key = (t.name, layout.label[m.name])
         if not applies(m, t) or key not in cells:
             continue
         mean, se, n = cells[key]
         lo, hi = interval95(metric, mean, se, n)
-        series.setdefault(lay.series[m.name], []).append((m.ratio, mean, lo, hi))
+        series.setdefault(layout.series[m.name], []).append((m.ratio, mean, lo, hi))
     step = min((b - a for a, b in zip(ratios, ratios[1:])), default=1.0)
     # series side by side around each ratio, so their error bars do not hide each other
     shift = 0.06 * step
@@ -230,16 +230,16 @@ def _draw_ratio(ax, metric: str, cells: dict, lay, t, names: list[str], ratios: 
     ax.grid(alpha=0.3)
 
 
-def plot_ratio(metric: str, cells: dict, lay) -> bytes | None:
+def plot_ratio(metric: str, cells: dict, layout) -> bytes | None:
     """The metric against the ratio, one panel per target; CP and chat as reference lines."""
-    merged = _merged(lay)
+    merged = _merged(layout)
     if not merged:
         return None
-    fig, axes, panels = _target_panels(lay)
+    fig, axes, panels = _target_panels(layout)
     ratios = sorted({m.ratio for m in merged})
-    names = sorted({lay.series[m.name] for m in merged})
+    names = sorted({layout.series[m.name] for m in merged})
     for ax, t in panels:
-        _draw_ratio(ax, metric, cells, lay, t, names, ratios)
+        _draw_ratio(ax, metric, cells, layout, t, names, ratios)
         ax.set_title(target_title(t), fontsize=10)
         ax.set_ylabel(metric)
     _finish(fig, axes, len(panels))
@@ -251,47 +251,47 @@ def headline_metrics(metrics: Sequence[str]) -> list[tuple[str, str]]:
     return [(m, what) for m, what in HEADLINE if m in have]
 
 
-def plot_overview(headline: Sequence[tuple[str, str]], cells_by_metric: dict[str, dict], lay) -> bytes | None:
+def plot_overview(headline: Sequence[tuple[str, str]], cells_by_metric: dict[str, dict], layout) -> bytes | None:
     """The first figure: each headline metric against the ratio, a line per embedding policy /
     vector / method, CP and chat as reference lines. One target: a 2-column grid of metrics;
     several: a row per metric, a column per target, so the languages sit side by side. None when
     there is no merged model to plot."""
-    merged = _merged(lay)
+    merged = _merged(layout)
     if not merged or not headline:
         return None
     ratios = sorted({m.ratio for m in merged})
-    names = sorted({lay.series[m.name] for m in merged})
-    if len(lay.targets) == 1:
-        panels = [(lay.targets[0], metric, what) for metric, what in headline]
+    names = sorted({layout.series[m.name] for m in merged})
+    if len(layout.targets) == 1:
+        panels = [(layout.targets[0], metric, what) for metric, what in headline]
         ncols = min(len(headline), 2)
     else:
-        panels = [(t, metric, what) for metric, what in headline for t in lay.targets]
-        ncols = len(lay.targets)
+        panels = [(t, metric, what) for metric, what in headline for t in layout.targets]
+        ncols = len(layout.targets)
     nrows = math.ceil(len(panels) / ncols)
     fig = _figure(5.6 * ncols, 3.7 * nrows + 0.6)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for idx, (t, metric, what) in enumerate(panels):
         ax = axes[idx // ncols][idx % ncols]
-        _draw_ratio(ax, metric, cells_by_metric.get(metric, {}), lay, t, names, ratios)
-        where = "" if len(lay.targets) == 1 else f"{target_title(t)} \u00b7 "
+        _draw_ratio(ax, metric, cells_by_metric.get(metric, {}), layout, t, names, ratios)
+        where = "" if len(layout.targets) == 1 else f"{target_title(t)} \u00b7 "
         ax.set_title(f"{where}{what}", fontsize=11)
         ax.set_ylabel(metric, fontsize=10)
     _finish(fig, axes, len(panels))
     return _png(fig)
 
 
-def plot_trend(metric: str, per_run: dict[str, dict], runs: list[str], lay) -> bytes | None:
+def plot_trend(metric: str, per_run: dict[str, dict], runs: list[str], layout) -> bytes | None:
     """The metric over the last runs, one panel per target, one line per model."""
     if len(runs) < 2:
         return None
-    fig, axes, panels = _target_panels(lay)
+    fig, axes, panels = _target_panels(layout)
     x = list(range(len(runs)))
     for ax, t in panels:
-        for v in lay.variants:
+        for v in layout.variants:
             ys = [per_run[rid].get((t.name, v), (math.nan,))[0] for rid in runs]
             if all(math.isnan(y) for y in ys):
                 continue
-            ax.plot(x, ys, marker="o", label=v, color=color(lay.variants.index(v)))
+            ax.plot(x, ys, marker="o", label=v, color=color(layout.variants.index(v)))
         ax.set_xticks(x, labels=runs, rotation=30, ha="right", fontsize=8)
         ax.set_title(target_title(t), fontsize=10)
         ax.set_ylabel(metric)

@@ -26,10 +26,6 @@ def model_uri(root: str, folder: str) -> str:
     return join(root, MODELS, folder)
 
 
-def vector_uri(root: str, name: str) -> str:
-    return join(root, VECTORS, name)
-
-
 def results_uri(root: str) -> str:
     """The runs dataset: every run's results."""
     return join(root, RESULTS)

@@ -182,9 +182,6 @@ class Store:
     def describe(self, rel: str = "") -> str:
         return join(self.uri, rel) if rel else self.uri
 
-    def child(self, rel: str) -> Store:
-        return Store(join(self.uri, rel))
-
     def _retry(self, rel: str, action: str, fn):
         return with_retries(self.describe(rel), action, fn)
 
