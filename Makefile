@@ -45,6 +45,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/merge.py --workers 0,1,2 --repeats 5
 	$(PY) bench/eval.py
+	$(PY) bench/in_engine.py
 
 clean:
 	rm -rf demo-out .pytest_cache
