@@ -57,8 +57,47 @@ def _context_from(out_uri, run_id, settings, languages, judge) -> RunContext:
     )
 
 
+class _LoadedOnce:
+    """Something loaded once (a model's engine, a judge) and used for a series of cells. A load
+    that failed is not tried again for every cell: each of them reports the first error."""
+
+    load_error: str | None = None
+
+    def _loaded(self) -> bool:
+        raise NotImplementedError
+
+    def _what(self) -> str:
+        raise NotImplementedError
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def _one(self, cell: Cell) -> CellResult:
+        raise NotImplementedError
+
+    def ensure_loaded(self) -> None:
+        if self._loaded():
+            return
+        if self.load_error is not None:
+            raise RuntimeError(f"{self._what()} did not load: {self.load_error}")
+        try:
+            self.load()
+        except Exception as exc:
+            self.load_error = error_text(exc)
+            raise
+
+    def run_all(self, cells: Sequence[Cell], on_result=None) -> list[CellResult]:
+        out = []
+        for cell in cells:
+            result = self._one(cell)
+            out.append(result)
+            if on_result:
+                on_result(result)
+        return out
+
+
 # -- generation -----------------------------------------------------------------------------------
-class ModelEvaluator:
+class ModelEvaluator(_LoadedOnce):
     """One model's engine and that model's cells: load once (or borrow a loaded engine), run many.
 
     ``engine``: an engine that is already loaded (weights swapped in place for an in-engine sweep):
@@ -113,17 +152,14 @@ class ModelEvaluator:
     def load(self) -> None:
         self.engine = self._factory()
 
-    def ensure_loaded(self) -> None:
-        """Load once; a model that failed to load is not tried again for every cell."""
-        if self.engine is not None:
-            return
-        if self.load_error is not None:
-            raise RuntimeError(f"model {self.uri} did not load: {self.load_error}")
-        try:
-            self.load()
-        except Exception as exc:
-            self.load_error = error_text(exc)
-            raise
+    def _loaded(self) -> bool:
+        return self.engine is not None
+
+    def _what(self) -> str:
+        return f"model {self.uri}"
+
+    def _one(self, cell: Cell) -> CellResult:
+        return self.run_cell(cell)
 
     def close(self) -> None:
         if self.engine is not None and self._owns_engine:
@@ -131,14 +167,6 @@ class ModelEvaluator:
         self.engine = None
 
     # -- cells ------------------------------------------------------------------------------------
-    def run_all(self, cells: Sequence[Cell], on_result=None) -> list[CellResult]:
-        out = []
-        for cell in cells:
-            result = self.run_cell(cell)
-            out.append(result)
-            if on_result:
-                on_result(result)
-        return out
 
     def run_cell(self, cell: Cell) -> CellResult:
         """Run one cell and write its samples; any failure is recorded, not raised."""
@@ -246,7 +274,7 @@ def one_row_per_item(rows: list[dict]) -> list[dict]:
 
 
 # -- the judge phase ------------------------------------------------------------------------------
-class JudgeRunner:
+class JudgeRunner(_LoadedOnce):
     """Holds one judge backend (``eval.judging``) and scores the judged metrics of whole cells.
 
     Rows waiting for a judge are judged; when the cell was judged by another judge than this
@@ -281,30 +309,19 @@ class JudgeRunner:
 
         self.backend = make_judge(self.spec, self.settings)
 
-    def ensure_loaded(self) -> None:
-        if self.backend is not None:
-            return
-        if self.load_error is not None:
-            raise RuntimeError(f"judge {self.spec} did not load: {self.load_error}")
-        try:
-            self.load()
-        except Exception as exc:
-            self.load_error = error_text(exc)
-            raise
+    def _loaded(self) -> bool:
+        return self.backend is not None
+
+    def _what(self) -> str:
+        return f"judge {self.spec}"
+
+    def _one(self, cell: Cell) -> CellResult:
+        return self.judge_cell(cell)
 
     def close(self) -> None:
         if self.backend is not None:
             self.backend.close()
             self.backend = None
-
-    def run_all(self, cells: Sequence[Cell], on_result=None) -> list[CellResult]:
-        out = []
-        for cell in cells:
-            result = self.judge_cell(cell)
-            out.append(result)
-            if on_result:
-                on_result(result)
-        return out
 
     def judge_cell(self, cell: Cell) -> CellResult:
         start = time.perf_counter()
