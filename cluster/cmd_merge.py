@@ -35,6 +35,11 @@ def _shard_size(text: str | None, config_path: str | None) -> int:
     return parse_size(text if text is not None else _settings(config_path).merge.shard_size)
 
 
+def _given(options: dict) -> str:
+    """The command-line flags among ``options`` (name -> value) that were given, comma-separated."""
+    return ", ".join(f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None)
+
+
 _common = [
     click.option("--out", "out", required=True, help="Where to write: a folder or URI (s3://bucket/prefix, ...)."),
     click.option(
@@ -170,28 +175,17 @@ def merge(
     from merge.plan import build_plan
     from merge.recipe import load_recipe, recipe_from_options
 
+    # the single-vector options, which a recipe or a mergekit config replaces
+    single_vector = dict(
+        cp=cp, base=base, chat=chat, vector=vector, ratio=ratio, method=method, density=density, seed=seed
+    )
     if mergekit_path is not None:
         from merge.mergekit_config import load_mergekit_config
 
-        clash = [
-            f"--{k.replace('_', '-')}"
-            for k, v in (
-                ("recipe", recipe_path),
-                ("cp", cp),
-                ("base", base),
-                ("chat", chat),
-                ("vector", vector),
-                ("ratio", ratio),
-                ("method", method),
-                ("density", density),
-                ("seed", seed),
-                ("embeddings", embeddings),
-                ("chat_tokens_from_chat", chat_tokens_from_chat),
-            )
-            if v is not None
-        ]
+        vector_options = dict(single_vector, embeddings=embeddings, chat_tokens_from_chat=chat_tokens_from_chat)
+        clash = _given({"recipe": recipe_path, **vector_options})
         if clash:
-            raise ConfigError(f"--mergekit-config names the models and parameters; drop {', '.join(clash)}")
+            raise ConfigError(f"--mergekit-config names the models and parameters; drop {clash}")
         recipe = load_mergekit_config(mergekit_path)
         if device == "cuda":
             raise ConfigError("--mergekit-config merges compute on the CPU: drop --device cuda")
@@ -199,24 +193,9 @@ def merge(
         if dtype:
             recipe = recipe.model_copy(update={"dtype": dtype})
     elif recipe_path is not None:
-        clash = [
-            f"--{k}"
-            for k, v in (
-                ("cp", cp),
-                ("base", base),
-                ("chat", chat),
-                ("vector", vector),
-                ("ratio", ratio),
-                ("method", method),
-                ("density", density),
-                ("seed", seed),
-            )
-            if v is not None
-        ]
+        clash = _given(single_vector)
         if clash:
-            raise ConfigError(
-                f"--recipe names the models and ratios; drop {', '.join(clash)} or put them in the recipe"
-            )
+            raise ConfigError(f"--recipe names the models and ratios; drop {clash} or put them in the recipe")
         recipe = load_recipe(recipe_path)
         update = {
             k: v
