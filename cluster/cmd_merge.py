@@ -187,9 +187,6 @@ def merge(
         if clash:
             raise ConfigError(f"--mergekit-config names the models and parameters; drop {clash}")
         recipe = load_mergekit_config(mergekit_path)
-        if device == "cuda":
-            raise ConfigError("--mergekit-config merges compute on the CPU: drop --device cuda")
-        device = "cpu"
         if dtype:
             recipe = recipe.model_copy(update={"dtype": dtype})
     elif recipe_path is not None:

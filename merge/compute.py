@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from merge.fused import BLOCK as FUSED_BLOCK
 from merge.fused import try_fused
 from merge.gta import gta_job
 from merge.job_buffer import piece_bytes, tau_into
@@ -32,8 +31,8 @@ class Scratch:
         self.backend = backend
         self.acc, self.t, self.u = backend.empty(n), backend.empty(n), backend.empty(n)
         self._weighted: list = []
-        # the fused kernel's work array (merge/fused.py), for numpy's arrays only
-        self.fused_work = np.empty(3 * FUSED_BLOCK, np.uint32) if isinstance(self.t, np.ndarray) else None
+        # the fused kernels (merge/fused.py) work on numpy's arrays only
+        self.fused = isinstance(self.t, np.ndarray)
 
     def weighted(self, k: int):
         """Work array number k for a TIES vector's weighted tau."""
@@ -134,6 +133,8 @@ def compute_job(backend, job: Job, buf, out: np.ndarray, scratch: Scratch) -> No
         gta_job(backend, job, buf, out, scratch, dtype, itemsize)
         return
     if job.elects:
+        if scratch.fused and try_fused(job, buf, out):
+            return
         # blocks of the scratch size, so the TIES arrays (a few per vector) stay in the CPU caches
         step = scratch.n
         for lo in range(0, job.n, step):
@@ -146,7 +147,7 @@ def compute_job(backend, job: Job, buf, out: np.ndarray, scratch: Scratch) -> No
             _raws(backend, job, buf, lo, hi, acc)
             backend.encode(acc, dtype, out[lo * itemsize : hi * itemsize])
         return
-    if scratch.fused_work is not None and try_fused(job, buf, out, scratch.fused_work):
+    if scratch.fused and try_fused(job, buf, out):
         return
     step = scratch.n
     for lo in range(0, job.n, step):

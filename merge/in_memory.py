@@ -32,16 +32,16 @@ def merged_tensors(plan: MergePlan, *, device: str = "cpu") -> Iterator[tuple[st
     """
     backend = make_backend(device)
     scratch = Scratch(backend, backend.step)
-    if scratch.fused_work is not None:
+    if scratch.fused:
         warm_up()
-    readers = Readers(plan)
+    readers, threshold_readers = Readers(plan), Readers(plan)
     buf = np.empty(0, np.uint8)
     try:
         for index in range(len(plan.shards)):
             for task in plan.shard_tasks(index):
                 isz = ITEMSIZE[task.dtype]
                 out = np.empty(task.nbytes, np.uint8)
-                for job in attach_thresholds(task_jobs(task), readers.read_inputs):
+                for job in attach_thresholds(task_jobs(task), threshold_readers.read_inputs):
                     if buf.size < job.in_bytes:
                         buf = np.empty(job.in_bytes, np.uint8)
                     readers.read_inputs(job, buf)
@@ -50,3 +50,4 @@ def merged_tensors(plan: MergePlan, *, device: str = "cpu") -> Iterator[tuple[st
                 yield task.name, task.dtype, tuple(task.shape), out
     finally:
         readers.close()
+        threshold_readers.close()

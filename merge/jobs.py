@@ -58,10 +58,17 @@ class Job:
     raws: list[Piece]
     reads: list[Read] = field(default_factory=list)
     in_bytes: int = 0
-    whole: bool = False  # has a whole-tensor (TIES) term: needs `thresholds` before computing
+    # has a whole-tensor term (TIES; in mergekit mode with rescale, dare too): needs `thresholds`
+    # (with their `scales`) before computing
+    whole: bool = False
     elects: bool = False  # has terms combined by sign election (ties, dare_ties)
     # term index -> TIES trim threshold (None: keep all), the same for every job of the tensor
     thresholds: dict[int, float | None] | None = None
+
+    @property
+    def scales(self) -> dict[int, float | None]:
+        """term index -> mergekit's L1 rescale factor (merge/gta_stats.py), found with the thresholds."""
+        return getattr(self.thresholds, "scales", None) or {}
 
     @property
     def out_bytes(self) -> int:
@@ -100,6 +107,9 @@ def _overlaps(segments: list[Segment], starts: list[int], lo: int, hi: int):
 def task_jobs(task: TensorTask) -> list[Job]:
     numel = task.numel
     whole = any(METHODS[t.method].whole_tensor for t in task.terms)
+    if task.mergekit is not None and task.mergekit.rescale:
+        # mergekit's L1 rescale of dare's kept entries is a whole-tensor statistic too
+        whole = whole or any(METHODS[t.method].random_drop and 0.0 < t.density < 1.0 for t in task.terms)
     elects = any(METHODS[t.method].sign_election for t in task.terms)
     step = JOB_ELEMS
     term_starts = [[s.out for s in t.segments] for t in task.terms]

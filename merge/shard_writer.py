@@ -26,6 +26,7 @@ from merge.errors import ChatvecError, InputError
 from merge.fused import warm_up
 from merge.jobs import Job, task_jobs
 from merge.kernels import make_backend
+from merge.methods import METHODS
 from merge.plan import MergePlan
 from merge.storage import RangeReader, Store
 from merge.ties_threshold import attach_thresholds
@@ -35,9 +36,11 @@ logger = logging.getLogger(__name__)
 RECORDS = ".chatvec/shards"
 # input + output job bytes allowed in flight between the stages
 MAX_IN_FLIGHT = 96 << 20
-# Merges this large load the fused kernel (merge/fused.py): measured, numba's import and code
-# load cost about 0.4 CPU-seconds, what the kernel saves on roughly 1 GB of bf16 output.
+# Merges this large load the fused kernels (merge/fused.py): measured, numba's import and code
+# load cost about 0.4 CPU-seconds, what the add kernel saves on roughly 1 GB of bf16 output, and
+# what the TIES kernels (two counting passes and the merge) save on about 16M entries.
 FUSED_MIN_BYTES = 1_000_000_000
+FUSED_MIN_TIES_ELEMS = 1 << 24
 _DONE = object()
 
 
@@ -126,6 +129,13 @@ class Readers:
         self._open.clear()
 
 
+def _worth_the_kernels(plan: MergePlan) -> bool:
+    if plan.total_bytes >= FUSED_MIN_BYTES:
+        return True
+    whole = (t for t in plan.tasks.values() if any(METHODS[term.method].whole_tensor for term in t.terms))
+    return sum(t.numel for t in whole) >= FUSED_MIN_TIES_ELEMS
+
+
 def compute_threads(device: str) -> int:
     """Compute threads next to the reader, writer and hasher: one on small machines.
 
@@ -153,10 +163,11 @@ class ShardWriter:
         self.backend = make_backend(device)
         self.device = self.backend.name
         self.readers = Readers(plan)
+        self.threshold_readers = Readers(plan)  # for the TIES thresholds' own thread
         self.pool = self._new_pool()
         self.threads = threads or compute_threads(self.device)
         self.scratch = [Scratch(self.backend, self.backend.step) for _ in range(self.threads)]
-        if self.scratch[0].fused_work is not None and plan.total_bytes >= FUSED_MIN_BYTES:
+        if self.scratch[0].fused and _worth_the_kernels(plan):
             warm_up()
 
     def _new_pool(self) -> _Pool:
@@ -164,6 +175,7 @@ class ShardWriter:
 
     def close(self) -> None:
         self.readers.close()
+        self.threshold_readers.close()
 
     def write(self, index: int, store: Store, on_bytes: Callable[[int], None] | None = None) -> ShardResult:
         """Write output shard `index` into `store` and record it (see the module docstring)."""
@@ -191,7 +203,7 @@ class ShardWriter:
 
         def read_loop() -> None:
             try:
-                for seq, job in enumerate(attach_thresholds(jobs, self.readers.read_inputs)):
+                for seq, job in enumerate(attach_thresholds(jobs, self.threshold_readers.read_inputs)):
                     buf = pool.take(job.in_bytes + job.out_bytes)
                     if stop.is_set():
                         break

@@ -58,17 +58,23 @@ def _jobs(models, vectors):
 )
 def test_fused_kernel_gives_the_numpy_bytes(models, vectors):
     pytest.importorskip("numba")
-    from merge.compute import Scratch, compute_job
-    from merge.fused import try_fused
-    from merge.kernels import NumpyBackend
     from merge.shard_writer import Readers
 
     plan, jobs = _jobs(models, vectors)
+    readers = Readers(plan)
+    assert _fused_jobs_match_numpy(jobs, readers) == len(jobs) == 4
+    readers.close()
+
+
+def _fused_jobs_match_numpy(jobs, readers) -> int:
+    """How many of the jobs a fused kernel computed; each one's bytes equal the numpy path's."""
+    from merge.compute import Scratch, compute_job
+    from merge.fused import try_fused
+    from merge.kernels import NumpyBackend
+
     backend = NumpyBackend()
     numpy_only = Scratch(backend, backend.step)
-    numpy_only.fused_work = None
-    work = np.empty(3 * 4096, np.uint32)
-    readers = Readers(plan)
+    numpy_only.fused = False
     fused = 0
     with np.errstate(all="ignore"):
         for job in jobs:
@@ -77,11 +83,49 @@ def test_fused_kernel_gives_the_numpy_bytes(models, vectors):
             want = np.empty(job.out_bytes, np.uint8)
             compute_job(backend, job, buf, want, numpy_only)
             got = np.full(job.out_bytes, 0xAB, np.uint8)
-            if try_fused(job, buf, got, work, wait=True):
+            if try_fused(job, buf, got, wait=True):
                 fused += 1
                 assert np.array_equal(got, want), job.task.name
+    return fused
+
+
+@pytest.mark.parametrize(
+    "vectors",
+    [
+        [("chat1", dict(ratio=0.5, method="ties", density=0.5))],
+        [("chat1", dict(ratio=1.0, method="ties", density=1.0))],
+        [
+            ("chat1", dict(ratio=0.7, method="ties", density=0.3)),
+            ("chat2", dict(ratio=-1.3, method="ties", density=0.6)),
+        ],
+        [("chat1", dict(ratio=0.7, method="ties", density=0.3)), ("chat2", dict(ratio=0.4, method="dare_ties"))],
+    ],
+    ids=["one", "one-keep-all", "two", "with-dare_ties-density-1"],
+)
+def test_ties_kernels_give_the_numpy_thresholds_and_bytes(models, monkeypatch, vectors):
+    """Both TIES counting passes and the TIES merge, against numpy, on every bf16 pattern."""
+    pytest.importorskip("numba")
+    import merge.ties_threshold as ties_threshold
+    from merge.fused import kernel
+    from merge.shard_writer import Readers
+
+    assert kernel(wait=True) is not None
+    plan, jobs = _jobs(models, vectors)
+    readers = Readers(plan)
+    tasks = {id(job.task): job.task for job in jobs}.values()
+    with np.errstate(all="ignore"):
+        fused_thresholds = {t.name: ties_threshold.tensor_thresholds(t, readers.read_inputs) for t in tasks}
+        monkeypatch.setattr(ties_threshold, "histogram_kernel", lambda wait: None)
+        monkeypatch.setattr(ties_threshold, "collect_kernel", lambda wait: None)
+        numpy_thresholds = {t.name: ties_threshold.tensor_thresholds(t, readers.read_inputs) for t in tasks}
+        assert fused_thresholds == numpy_thresholds
+        assert (
+            any(v is not None for th in numpy_thresholds.values() for v in th.values()) or vectors[0][1]["density"] == 1
+        )
+    for job in jobs:
+        job.thresholds = numpy_thresholds[job.task.name]
+    assert _fused_jobs_match_numpy(jobs, readers) == len(jobs) == 4
     readers.close()
-    assert fused == len(jobs) == 4
 
 
 def test_jobs_it_does_not_cover_take_the_numpy_path(models):
@@ -89,7 +133,8 @@ def test_jobs_it_does_not_cover_take_the_numpy_path(models):
     from merge.fused import try_fused
 
     _, jobs = _jobs(models, [("chat1", dict(ratio=0.5, method="dare", density=0.5))])
-    _, ties = _jobs(models, [("chat1", dict(ratio=0.5, method="ties", density=0.5))])
-    work = np.empty(3 * 4096, np.uint32)
-    for job in jobs + ties:
-        assert not try_fused(job, np.empty(job.in_bytes, np.uint8), np.empty(job.out_bytes, np.uint8), work, wait=True)
+    _, dare_ties = _jobs(models, [("chat1", dict(ratio=0.5, method="dare_ties", density=0.5))])
+    _, mixed = _jobs(models, [("chat1", dict(ratio=0.5, method="ties", density=0.5)), ("chat2", dict(ratio=0.5))])
+    jobs += dare_ties + mixed
+    for job in jobs:
+        assert not try_fused(job, np.empty(job.in_bytes, np.uint8), np.empty(job.out_bytes, np.uint8), wait=True)

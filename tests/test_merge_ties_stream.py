@@ -125,3 +125,56 @@ def test_threshold_with_ties_zeros_and_specials(tmp_path):
         k = int(np.ceil(density * n - 1e-9))
         want = np.partition(a, n - k)[n - k]
         assert (np.isnan(want) and got is not None and np.isnan(got)) or got == float(want), density
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize(
+    ("case", "passes"),
+    [("like", 1), ("first-job-unlike-the-rest", 2), ("too-many-in-the-guessed-bins", 2)],
+)
+def test_one_pass_when_the_first_job_guesses_the_bin_and_exact_either_way(tmp_path, monkeypatch, dtype, case, passes):
+    """The first job's sample guesses bins around the k-th largest; a right guess needs one
+    pass over the tensor, a wrong one (or an overflowing buffer) a second: the same threshold."""
+    import torch
+    from safetensors.torch import save_file
+
+    import merge.jobs
+    import merge.ties_threshold as ties_threshold
+    from merge.fused import kernel
+    from merge.plan import build_plan
+    from merge.recipe import Recipe, VectorSpec
+    from merge.shard_writer import Readers
+
+    kernel(wait=True)  # bf16 then goes through the fused kernels where numba is installed
+    monkeypatch.setattr(merge.jobs, "JOB_ELEMS", 5000)
+    if case == "too-many-in-the-guessed-bins":
+        monkeypatch.setattr(ties_threshold, "_ROOM", 50)
+    rng = np.random.default_rng(11)
+    n = 50_000
+    base = rng.standard_normal(n).astype(np.float32)
+    tau = rng.standard_normal(n).astype(np.float32) * np.float32(0.01)
+    if case == "first-job-unlike-the-rest":
+        tau[:5000] *= np.float32(1000)
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 8}
+    tensors = {"base": base, "chat": base + tau, "cp": base}
+    for role, v in tensors.items():
+        (tmp_path / role).mkdir()
+        t = torch.from_numpy(v).to(getattr(torch, dtype))
+        save_file({"w": t}, str(tmp_path / role / "model.safetensors"), metadata={"format": "pt"})
+        (tmp_path / role / "config.json").write_text(json.dumps(config))
+    decoded = {r: torch.from_numpy(v).to(getattr(torch, dtype)).to(torch.float32).numpy() for r, v in tensors.items()}
+    a = np.abs(decoded["chat"] - decoded["base"])
+    spec = VectorSpec(base=str(tmp_path / "base"), chat=str(tmp_path / "chat"), method="ties", density=0.3)
+    plan = build_plan(Recipe(cp=str(tmp_path / "cp"), vectors=[spec]))
+    readers = Readers(plan)
+    reads = []
+
+    def read(job, buf):
+        reads.append(job.start)
+        readers.read_inputs(job, buf)
+
+    got = ties_threshold.term_threshold(plan.tasks["w"], 0, read)
+    readers.close()
+    k = int(np.ceil(0.3 * n - 1e-9))
+    assert got == float(np.partition(a, n - k)[n - k])
+    assert len(reads) == 1 + passes * 10  # the sample (the first job), then the passes
