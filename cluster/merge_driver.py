@@ -365,10 +365,11 @@ class RayShardExecutor:
                 logger.debug("no final info from a merge actor: %s", exc)
         for info in self.final_info:
             logger.info(
-                "merge actor pid %s on %s wrote %d shard(s) since it (re)started",
+                "merge actor pid %s on %s wrote %d shard(s) in %.2f s since it (re)started",
                 info["pid"],
                 info["host"],
                 info["shards_written"],
+                info["busy_s"],
             )
 
     def _collect_info(self, info_refs: dict, timeout: float = 0) -> None:
