@@ -48,11 +48,9 @@ tensors are computed in float32 (mergekit: in float64).
 Where mergekit's numbers come from torch's sort (which of the entries equal to t_i it keeps) and
 random generator (dare's keep_i), chatvec keeps every entry at the threshold and uses its own
 seeded rule (merge/kernels.py), so those entries can differ (and with them after, so the
-rescale factor). t_i comes with the job as the k-th
-largest float32 |model_i - base| (merge/ties_threshold.py). Rounding is monotone, so where the
-inputs are stored in D (or, for a float32 D, in a narrower dtype) t_i rounded to D is the k-th
-largest |tau_i| in D; where an input is stored wider than D it is close to it, and entries
-near it can be kept or trimmed otherwise. torch adds up to 4 models in exactly the order above;
+rescale factor). t_i comes with the job as the k-th largest |tau_i| computed as above, in D
+(merge/ties_threshold.py, whose passes use mergekit_tau_into in mergekit mode), whatever dtype the
+inputs are stored in. torch adds up to 4 models in exactly the order above;
 with more, its CPU kernel groups the terms of some entries differently (which ones depends on
 the tensor's width, the CPU's vector width and the thread count), so those entries can differ
 in their last bit.

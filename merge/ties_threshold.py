@@ -34,6 +34,7 @@ from dataclasses import replace
 import numpy as np
 
 from merge.fused import collect_kernel, histogram_kernel
+from merge.gta import mergekit_tau_into
 from merge.gta_stats import rescale_factors
 from merge.job_buffer import tau_into
 from merge.jobs import Job, task_jobs
@@ -75,13 +76,19 @@ class _Found:
         return int(np.partition(inside, inside.size - rank)[inside.size - rank])
 
 
-def _scan(jobs: list[Job], read: Read, top: int, found: _Found | None, wait: bool) -> np.ndarray:
+def _scan(
+    jobs: list[Job], read: Read, top: int, found: _Found | None, wait: bool, mergekit_dtype: str | None = None
+) -> np.ndarray:
     """One pass over |tau| of the jobs' one term: counts of its float32 bits by their high 16
     bits (top < 0; `found` keeps those in its bins), or by their low 16 bits among those whose
-    high bits are `top`."""
+    high bits are `top`. In mergekit mode tau is mergekit's, in its compute dtype
+    (merge/gta.py:mergekit_tau_into: inputs converted to it, subtracted, rounded)."""
     backend = NumpyBackend()
     hist = np.zeros(_BINS, np.int64)
-    kernel = (collect_kernel if found is not None else histogram_kernel)(wait=wait)
+    if mergekit_dtype is not None:
+        kernel = None
+    else:
+        kernel = (collect_kernel if found is not None else histogram_kernel)(wait=wait)
     buf = np.empty(0, np.uint8)
     for job in jobs:
         if buf.size < job.in_bytes:
@@ -100,7 +107,10 @@ def _scan(jobs: list[Job], read: Read, top: int, found: _Found | None, wait: boo
                     kernel(words, piece.at // 2, base_at, piece.n, top, hist)
                 continue
             tau, tmp = np.empty(piece.n, np.float32), np.empty(piece.n, np.float32)
-            tau_into(backend, buf, piece, piece.out, piece.out + piece.n, tau, tmp)
+            if mergekit_dtype is not None:
+                mergekit_tau_into(backend, buf, piece, piece.out, piece.out + piece.n, tau, tmp, mergekit_dtype)
+            else:
+                tau_into(backend, buf, piece, piece.out, piece.out + piece.n, tau, tmp)
             np.abs(tau, out=tau)
             low, high = _halves(tau.view(np.uint32))
             if top < 0:
@@ -114,12 +124,12 @@ def _scan(jobs: list[Job], read: Read, top: int, found: _Found | None, wait: boo
     return hist
 
 
-def _guess(jobs: list[Job], read: Read, k: int, covered: int, wait: bool) -> _Found | None:
+def _guess(jobs: list[Job], read: Read, k: int, covered: int, wait: bool, mergekit_dtype: str | None) -> _Found | None:
     """Bins around the k-th largest |tau| as the first job's entries place it (None for tensors
     of one or two jobs, where a second pass costs little, or when k reaches the zeros)."""
     if len(jobs) <= 2 or k > covered:
         return None
-    sample = _scan(jobs[:1], read, -1, None, wait)
+    sample = _scan(jobs[:1], read, -1, None, wait, mergekit_dtype)
     n = int(sample.sum())
     if not n:
         return None
@@ -168,14 +178,15 @@ def term_threshold(task: TensorTask, term_index: int, read: Read) -> float | Non
     if not k or k >= numel:
         return None
     wait = task.numel >= _WAIT_FOR_KERNEL
+    mergekit_dtype = task.dtype if task.mergekit is not None else None
     jobs = task_jobs(replace(task, cp=None, raw=[], terms=[term]))
-    found = _guess(jobs, read, k, covered, wait)
-    high = _scan(jobs, read, -1, found, wait)
+    found = _guess(jobs, read, k, covered, wait, mergekit_dtype)
+    high = _scan(jobs, read, -1, found, wait, mergekit_dtype)
     high[0] += numel - covered
     top, rank = _select(high, k)
     bits = found.select(top, rank) if found is not None and top > 0 else None
     if bits is None:
-        low = _scan(jobs, read, top, None, wait)
+        low = _scan(jobs, read, top, None, wait, mergekit_dtype)
         if top == 0:
             low[0] += numel - covered
         bottom, _ = _select(low, rank)

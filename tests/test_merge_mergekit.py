@@ -277,6 +277,7 @@ def _mergekit_formula(
     consensus: bool = False,
     normalize: bool = False,
     lam: float = 1.0,
+    keep_ties: bool = False,
 ) -> torch.Tensor:
     """mergekit's (0.1.5) generalized task arithmetic written out with torch in `dtype`, as mergekit
     runs it on the CPU (torch rounds each operation's result to `dtype`); dare's keep mask is
@@ -287,8 +288,12 @@ def _mergekit_formula(
         delta = x.to(dtype) - base
         if sparsify == "magnitude" and density < 1:
             k = max(1, int(density * delta.numel()))
-            mask = torch.zeros_like(delta)
-            mask.view(-1)[torch.argsort(delta.abs().view(-1).float(), descending=True)[:k]] = 1
+            if keep_ties:  # chatvec's rule: every entry equal to the k-th largest stays
+                kth = delta.abs().view(-1).float().sort(descending=True).values[k - 1]
+                mask = (delta.abs().float() >= kth).to(delta.dtype)
+            else:
+                mask = torch.zeros_like(delta)
+                mask.view(-1)[torch.argsort(delta.abs().view(-1).float(), descending=True)[:k]] = 1
             delta = _l1_rescale(delta, delta * mask) if rescale else delta * mask
         elif sparsify == "random" and density < 1:
             # mergekit's bernoulli: bfloat16 stays bfloat16 on the CPU, float16 works in float32
@@ -596,3 +601,29 @@ def _small_models(root: Path) -> dict:
         "m2": _ckpt(root / "m2", base + torch.tensor(TAU2)),
         "root": root,
     }
+
+
+def test_the_ties_threshold_is_taken_in_the_dtype_when_inputs_are_stored_wider(tmp_path):
+    """float32 models merged in bfloat16: the trim threshold is the k-th largest |tau| of the
+    models converted to bfloat16 (mergekit's tau), not the float32 one's rounded."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(64, 96, generator=g)
+    tensors = {"base": base, "m1": base + 0.02 * torch.randn(64, 96, generator=g)}
+    tensors["m2"] = base + 0.02 * torch.randn(64, 96, generator=g)
+    models = _save_models(tmp_path, tensors)
+    density, weights = 0.3, [0.6, 0.4]
+    entries = [{"model": n, "weight": w, "density": density} for n, w in zip(("m1", "m2"), weights)]
+    out = _run(models, "ties", entries, dtype="bfloat16")["w"]
+    xs = [tensors["m1"], tensors["m2"]]
+    formula = dict(density=density, sparsify="magnitude", consensus=True, normalize=True, keep_ties=True)
+    want = _mergekit_formula(base, xs, weights, torch.bfloat16, **formula)
+    assert torch.equal(_bits(out), _bits(want))
+    # the float32 |tau|'s k-th largest, rounded to bfloat16, would trim otherwise
+    k = max(1, int(density * base.numel()))
+    differs = False
+    for x in xs:
+        in_dtype = (x.to(torch.bfloat16) - base.to(torch.bfloat16)).abs().flatten().float()
+        kth = in_dtype.sort(descending=True).values[k - 1]
+        rounded = (x - base).abs().flatten().sort(descending=True).values[k - 1].to(torch.bfloat16).float()
+        differs |= bool(((in_dtype >= kth) != (in_dtype >= rounded)).any())
+    assert differs
