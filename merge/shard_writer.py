@@ -38,9 +38,9 @@ RECORDS = ".chatvec/shards"
 MAX_IN_FLIGHT = 96 << 20
 # Merges this large load the fused kernels (merge/fused.py): measured, numba's import and code
 # load cost about 0.4 CPU-seconds, what the add kernel saves on roughly 1 GB of bf16 output, and
-# what the TIES kernels (two counting passes and the merge) save on about 16M entries.
+# what the TIES kernels (counting passes and the merge) or DARE's drop save on about 16M entries.
 FUSED_MIN_BYTES = 1_000_000_000
-FUSED_MIN_TIES_ELEMS = 1 << 24
+FUSED_MIN_COSTLY_ELEMS = 1 << 24
 _DONE = object()
 
 
@@ -129,11 +129,17 @@ class Readers:
         self._open.clear()
 
 
+def _costly(term) -> bool:
+    """TIES' threshold passes, and DARE's drop (a hash per entry), cost most in numpy."""
+    method = METHODS[term.method]
+    return method.whole_tensor or (method.random_drop and term.density < 1.0)
+
+
 def _worth_the_kernels(plan: MergePlan) -> bool:
     if plan.total_bytes >= FUSED_MIN_BYTES:
         return True
-    whole = (t for t in plan.tasks.values() if any(METHODS[term.method].whole_tensor for term in t.terms))
-    return sum(t.numel for t in whole) >= FUSED_MIN_TIES_ELEMS
+    costly = (t for t in plan.tasks.values() if any(_costly(term) for term in t.terms))
+    return sum(t.numel for t in costly) >= FUSED_MIN_COSTLY_ELEMS
 
 
 def compute_threads(device: str) -> int:

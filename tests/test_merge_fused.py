@@ -37,13 +37,13 @@ def models(tmp_path_factory):
     return out
 
 
-def _jobs(models, vectors):
+def _jobs(models, vectors, **recipe):
     from merge.jobs import task_jobs
     from merge.plan import build_plan
     from merge.recipe import Recipe, VectorSpec
 
     specs = [VectorSpec(base=str(models["base"]), chat=str(models[c]), **kw) for c, kw in vectors]
-    plan = build_plan(Recipe(cp=str(models["cp"]), vectors=specs))
+    plan = build_plan(Recipe(cp=str(models["cp"]), vectors=specs, **recipe))
     return plan, [j for i in range(len(plan.shards)) for t in plan.shard_tasks(i) for j in task_jobs(t)]
 
 
@@ -53,8 +53,10 @@ def _jobs(models, vectors):
         [("chat1", dict(ratio=0.5))],
         [("chat1", dict(ratio=0.7)), ("chat2", dict(ratio=-1.3))],
         [("chat1", dict(ratio=1.0, method="dare", density=1.0, seed=3))],
+        [("chat1", dict(ratio=0.8, method="dare", density=0.3, seed=3))],
+        [("chat1", dict(ratio=0.7, method="dare", density=0.6, seed=5)), ("chat2", dict(ratio=-1.3))],
     ],
-    ids=["one", "two", "dare-density-1"],
+    ids=["one", "two", "dare-density-1", "dare", "dare-and-add"],
 )
 def test_fused_kernel_gives_the_numpy_bytes(models, vectors):
     pytest.importorskip("numba")
@@ -99,8 +101,13 @@ def _fused_jobs_match_numpy(jobs, readers) -> int:
             ("chat2", dict(ratio=-1.3, method="ties", density=0.6)),
         ],
         [("chat1", dict(ratio=0.7, method="ties", density=0.3)), ("chat2", dict(ratio=0.4, method="dare_ties"))],
+        [("chat1", dict(ratio=0.9, method="dare_ties", density=0.4, seed=2))],
+        [
+            ("chat1", dict(ratio=0.7, method="ties", density=0.3)),
+            ("chat2", dict(ratio=0.4, method="dare_ties", density=0.5, seed=9)),
+        ],
     ],
-    ids=["one", "one-keep-all", "two", "with-dare_ties-density-1"],
+    ids=["one", "one-keep-all", "two", "with-dare_ties-density-1", "dare_ties", "ties-and-dare_ties"],
 )
 def test_ties_kernels_give_the_numpy_thresholds_and_bytes(models, monkeypatch, vectors):
     """Both TIES counting passes and the TIES merge, against numpy, on every bf16 pattern."""
@@ -119,9 +126,8 @@ def test_ties_kernels_give_the_numpy_thresholds_and_bytes(models, monkeypatch, v
         monkeypatch.setattr(ties_threshold, "collect_kernel", lambda wait: None)
         numpy_thresholds = {t.name: ties_threshold.tensor_thresholds(t, readers.read_inputs) for t in tasks}
         assert fused_thresholds == numpy_thresholds
-        assert (
-            any(v is not None for th in numpy_thresholds.values() for v in th.values()) or vectors[0][1]["density"] == 1
-        )
+        trimming = any(kw["method"] == "ties" and kw.get("density", 1.0) < 1 for _, kw in vectors)
+        assert any(v is not None for th in numpy_thresholds.values() for v in th.values()) == trimming
     for job in jobs:
         job.thresholds = numpy_thresholds[job.task.name]
     assert _fused_jobs_match_numpy(jobs, readers) == len(jobs) == 4
@@ -132,9 +138,8 @@ def test_jobs_it_does_not_cover_take_the_numpy_path(models):
     pytest.importorskip("numba")
     from merge.fused import try_fused
 
-    _, jobs = _jobs(models, [("chat1", dict(ratio=0.5, method="dare", density=0.5))])
-    _, dare_ties = _jobs(models, [("chat1", dict(ratio=0.5, method="dare_ties", density=0.5))])
-    _, mixed = _jobs(models, [("chat1", dict(ratio=0.5, method="ties", density=0.5)), ("chat2", dict(ratio=0.5))])
-    jobs += dare_ties + mixed
+    _, jobs = _jobs(models, [("chat1", dict(ratio=0.5, method="ties", density=0.5)), ("chat2", dict(ratio=0.5))])
+    _, wide = _jobs(models, [("chat1", dict(ratio=0.5, method="dare", density=0.5))], dtype="float32")
+    jobs += wide
     for job in jobs:
         assert not try_fused(job, np.empty(job.in_bytes, np.uint8), np.empty(job.out_bytes, np.uint8), wait=True)
