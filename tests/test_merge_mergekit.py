@@ -30,13 +30,7 @@ def _ckpt(folder: Path, w: torch.Tensor) -> str:
 
 @pytest.fixture
 def models(tmp_path):
-    base = torch.tensor(BASE)
-    return {
-        "base": _ckpt(tmp_path / "base", base),
-        "m1": _ckpt(tmp_path / "m1", base + torch.tensor(TAU1)),
-        "m2": _ckpt(tmp_path / "m2", base + torch.tensor(TAU2)),
-        "root": tmp_path,
-    }
+    return _small_models(tmp_path)
 
 
 def _run(
@@ -68,12 +62,6 @@ def _run(
     return load_tensors(models["root"] / name)
 
 
-def _keep(vector: int, density: float) -> torch.Tensor:
-    from test_merge_methods import _splitmix_keep
-
-    return torch.tensor(_splitmix_keep(0, "w", vector, 8, density), dtype=torch.float32).reshape(2, 4)
-
-
 def _l1_rescale(tensor: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """mergekit 0.1.5's rescaled_masked_tensor with the L1 norm, in the tensor's dtype. torch adds
     the two sums in float32 (in an order of its own); here, as chatvec does, in float64, rounded
@@ -88,40 +76,11 @@ def _l1_rescale(tensor: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return masked * (before / after)
 
 
-def _reference(
-    deltas, weights, *, density=None, sparsify=None, rescale=False, consensus=False, normalize=False, lam=1.0
-) -> torch.Tensor:
-    """mergekit's (0.1.5) generalized task arithmetic, step by step, in float32."""
-    out = []
-    for i, d in enumerate(deltas):
-        d = torch.tensor(d)
-        if sparsify == "magnitude" and density < 1:
-            k = max(1, int(density * d.numel()))
-            mask = torch.zeros_like(d)
-            mask.view(-1)[torch.topk(d.abs().view(-1), k).indices] = 1
-            d = _l1_rescale(d, d * mask) if rescale else d * mask
-        elif sparsify == "random" and density < 1:
-            masked = d * _keep(i, density)
-            d = _l1_rescale(d, masked) if rescale else masked
-        out.append(d)
-    stacked = torch.stack(out)
-    w = torch.tensor(weights, dtype=torch.float32).view(-1, 1, 1)
-    weighted = stacked * w
-    if consensus:
-        majority = (weighted.sum(dim=0) >= 0).to(torch.float32) * 2 - 1
-        mask = (weighted.sign() == majority).to(torch.float32)
-        mixed = (weighted * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        mixed = mixed / divisor
-    if lam != 1:
-        mixed = mixed * lam
-    return torch.tensor(BASE) + mixed
+def _reference(deltas, weights, **formula) -> torch.Tensor:
+    """mergekit's (0.1.5) generalized task arithmetic, step by step, in float32, for the
+    hand-made vectors added to BASE (exact in float32)."""
+    base = torch.tensor(BASE)
+    return _mergekit_formula(base, [base + torch.tensor(d) for d in deltas], weights, torch.float32, **formula)
 
 
 def test_task_arithmetic(models):
@@ -573,7 +532,7 @@ def test_ties_keeps_at_least_one_entry(models):
 def test_no_rescale_where_a_norm_is_under_1e_7(tmp_path, which, method):
     """mergekit leaves the masked vector as it is where sum |tau| or sum |masked| < 1e-7."""
     density = 0.5
-    keep = _keep(0, density).bool()
+    keep = torch.tensor(_splitmix_keep_n(0, density, 8)).reshape(2, 4)
     if which == "before":  # every |tau| tiny
         tau = torch.where(keep, 2e-9, -1e-9) * torch.arange(1, 9).reshape(2, 4)
     else:  # the kept entries tiny, the dropped ones large
