@@ -19,7 +19,7 @@ from merge.gta import gta_job
 from merge.job_buffer import piece_bytes, tau_into
 from merge.jobs import Job
 from merge.kernels import dare_keep
-from merge.methods import METHODS
+from merge.methods import METHODS, drops
 from merge.safetensors_format import ITEMSIZE
 
 
@@ -57,7 +57,7 @@ def _range(backend, job: Job, buf, lo: int, hi: int, acc, t, u, skip_electing: b
         if skip_electing and method.sign_election:
             continue
         factor = term.ratio
-        dropping = method.random_drop and term.density < 1.0
+        dropping = drops(term)
         if dropping:
             factor = term.ratio / term.density
         for p in term_job.pieces:
@@ -99,7 +99,7 @@ def _ties(backend, job: Job, buf, lo: int, hi: int, scratch: Scratch):
         method = METHODS[term.method]
         if not method.sign_election:
             continue
-        dropping = method.random_drop and term.density < 1.0
+        dropping = drops(term)
         full = scratch.weighted(len(weighted))[: hi - lo]
         full[...] = 0
         for p in term_job.pieces:

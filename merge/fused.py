@@ -26,7 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from merge.methods import METHODS
+from merge.kernels import dare_cutoff
+from merge.methods import METHODS, drops
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +116,6 @@ def _bf16_pieces(job) -> bool:
     return True
 
 
-def _dropping(term) -> bool:
-    return METHODS[term.method].random_drop and term.density < 1.0
-
-
 def _shape(job) -> str | None:
     """'add' or 'ties' when a kernel computes the job, else None (numpy does)."""
     if not _bf16_pieces(job):
@@ -145,17 +142,17 @@ def try_fused(job, buf: np.ndarray, out: np.ndarray, wait: bool = False) -> bool
     chat_at = np.array([p.at // 2 for p in pieces], np.int64)
     base_at = np.array([p.base_at // 2 if p.base_at >= 0 else -1 for p in pieces], np.int64)
     # DARE's drop (merge/kernels.py:dare_keep) where a term has one, and its ratio / density
-    drops = np.array([_dropping(tj.term) for tj in job.terms], np.bool_)
+    dropping = np.array([drops(tj.term) for tj in job.terms], np.bool_)
     keys = np.array([tj.key for tj in job.terms], np.uint64)
     firsts = np.array([p.index for p in pieces], np.int64)
-    cutoffs = np.array([round(tj.term.density * (1 << 24)) for tj in job.terms], np.uint64)
+    cutoffs = np.array([dare_cutoff(tj.term.density) for tj in job.terms], np.uint64)
     # the numpy path scales by the factor as a float32 (numpy casts the Python float to the array's dtype)
     factors = np.array(
-        [tj.term.ratio / tj.term.density if _dropping(tj.term) else tj.term.ratio for tj in job.terms], np.float32
+        [tj.term.ratio / tj.term.density if drops(tj.term) else tj.term.ratio for tj in job.terms], np.float32
     )
     out16 = out[: job.n * 2].view(np.uint16)
     if shape == "add":
-        kernels.add(words, job.cp.at // 2, chat_at, base_at, factors, drops, keys, firsts, cutoffs, job.n, out16)
+        kernels.add(words, job.cp.at // 2, chat_at, base_at, factors, dropping, keys, firsts, cutoffs, job.n, out16)
         return True
     thresholds = np.zeros(len(job.terms), np.float32)
     trims = np.zeros(len(job.terms), np.bool_)
@@ -173,7 +170,7 @@ def try_fused(job, buf: np.ndarray, out: np.ndarray, wait: bool = False) -> bool
         trims,
         factors,
         scales,
-        drops,
+        dropping,
         keys,
         firsts,
         cutoffs,

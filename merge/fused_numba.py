@@ -5,7 +5,7 @@ Every kernel does, per element, the float32 operations of the numpy path (merge/
 merge/kernels.py, merge/ties_threshold.py) in the same order, with float32 constants only (a
 float64 constant would promote the arithmetic) and no fast-math, so the bytes are the same.
 Work arrays are allocated inside each call, one per role: arrays that are views of one buffer
-keep LLVM from vectorizing the loops (measured: 10x slower).
+keep LLVM from vectorizing the loops (measured: 4.5x slower, 2.7 against 0.6 ns per entry).
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ import numpy as np
 from merge.job_buffer import piece_bytes
 from merge.jobs import Job, Piece
 from merge.kernels import NumpyBackend, dare_keep
-from merge.methods import METHODS
+from merge.methods import METHODS, drops
 
 # compute dtypes whose every step is rounded (float32 and float64 are computed in float32)
 ROUNDED = ("BF16", "F16")
@@ -134,11 +134,6 @@ def gta_job(backend, job: Job, buf, out: np.ndarray, scratch, encode_dtype: str,
         _torch_job(backend, job, buf, out, scratch.n, encode_dtype, itemsize)
 
 
-def _drops(term) -> bool:
-    """dare's random drop applies (mergekit's sparsify leaves a density-1 vector as it is)."""
-    return METHODS[term.method].random_drop and term.density < 1.0
-
-
 def _zeroed(term) -> bool:
     """mergekit's ties at density <= 0 (which its configs reject) zeroes the vector."""
     return METHODS[term.method].whole_tensor and term.density <= 0.0
@@ -175,7 +170,7 @@ def _numpy_job(backend, job: Job, buf, out: np.ndarray, scratch, dtype: str, ite
         weighted = []
         for k, term_job in enumerate(job.terms):
             term = term_job.term
-            dropping = _drops(term)
+            dropping = drops(term)  # (mergekit leaves a density-1 vector as it is)
             w = scratch.weighted(k)[:m]
             w[...] = 0
             for p in term_job.pieces:
@@ -271,7 +266,7 @@ def _torch_job(backend, job: Job, buf, out: np.ndarray, step: int, dtype: str, i
         weighted = []
         for k, term_job in enumerate(job.terms):
             term = term_job.term
-            dropping = _drops(term)
+            dropping = drops(term)  # (mergekit leaves a density-1 vector as it is)
             d = torch.zeros(m, dtype=cdt, device=dev)
             keep = np.zeros(m, bool) if dropping else None
             for p in term_job.pieces:

@@ -35,6 +35,11 @@ def dare_key(seed: int, tensor: str, vector: int) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def dare_cutoff(density: float) -> int:
+    """An element is kept when the top 24 bits of its hash are below this."""
+    return round(density * (1 << 24))
+
+
 def dare_keep(key: int, start: int, n: int, density: float) -> np.ndarray:
     """Boolean keep-mask of elements [start, start + n) (see the module docstring)."""
     with np.errstate(over="ignore"):
@@ -46,7 +51,7 @@ def dare_keep(key: int, start: int, n: int, density: float) -> np.ndarray:
         z ^= z >> np.uint64(27)
         z *= _M2
         z ^= z >> np.uint64(31)
-    return (z >> np.uint64(40)) < np.uint64(round(density * (1 << 24)))
+    return (z >> np.uint64(40)) < np.uint64(dare_cutoff(density))
 
 
 def ties_threshold_k(density: float, count: int) -> int:

@@ -68,3 +68,9 @@ METHODS: dict[str, MergeMethod] = {
     )
 }
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+
+
+def drops(term) -> bool:
+    """Whether DARE's seeded drop applies to a recipe term (`method`, `density`): it does below
+    density 1, where every entry would be kept."""
+    return METHODS[term.method].random_drop and term.density < 1.0

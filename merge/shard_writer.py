@@ -26,7 +26,7 @@ from merge.errors import ChatvecError, InputError
 from merge.fused import warm_up
 from merge.jobs import Job, task_jobs
 from merge.kernels import make_backend
-from merge.methods import METHODS
+from merge.methods import METHODS, drops
 from merge.plan import MergePlan
 from merge.storage import RangeReader, Store
 from merge.ties_threshold import attach_thresholds
@@ -131,8 +131,7 @@ class Readers:
 
 def _costly(term) -> bool:
     """TIES' threshold passes, and DARE's drop (a hash per entry), cost most in numpy."""
-    method = METHODS[term.method]
-    return method.whole_tensor or (method.random_drop and term.density < 1.0)
+    return METHODS[term.method].whole_tensor or drops(term)
 
 
 def _worth_the_kernels(plan: MergePlan) -> bool:
