@@ -21,22 +21,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
-# this file is named eval.py: keep its folder off the path so `eval` is the package
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 
 def build_requests(engine, n_items: int, max_new_tokens: int):
-    from eval.benchmarks import shipped_benchmarks
-    from eval.engines import Decoding, GenerationRequest, LoglikelihoodRequest
-    from eval.items import load_items
-    from eval.prompts import Prompts
+    from chatvec.eval.benchmarks import shipped_benchmarks
+    from chatvec.eval.engines import Decoding, GenerationRequest, LoglikelihoodRequest
+    from chatvec.eval.items import load_items
+    from chatvec.eval.prompts import Prompts
 
     prompts = Prompts(engine.tokenizer)
     specs = {s.name: s for s in shipped_benchmarks()}
@@ -84,8 +81,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from demo.tiny import build_model_dir
-    from eval.engines import load_engine
+    from chatvec.demo.tiny import build_model_dir
+    from chatvec.eval.engines import load_engine
 
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model_dir(
@@ -128,7 +125,7 @@ def main() -> None:
                 rows.append((task, batch, f"{items_s:.2f}", f"{tok_s:.1f}", f"{items_s / base:.2f}x"))
         engine.close()
 
-    from eval.tabulate import table
+    from chatvec.eval.tabulate import table
 
     print(table(("task", "batch", "items/s", "tokens/s", "vs batch 1"), rows))
     print(

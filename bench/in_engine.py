@@ -5,7 +5,7 @@
 
 For each world and engine, the same sweep (one vector, one CP target, ``--ratios`` ratios, one
 benchmark, no baselines, ``--workers 0``: everything in this process, so Ray's start-up is not
-part of either figure) runs twice through ``cluster.sweep_run.run_sweep``:
+part of either figure) runs twice through ``chatvec.runs.sweep_run.run_sweep``:
 
 * checkpoint: every point merged to a checkpoint under the store's models/, then loaded into a
   fresh engine and evaluated;
@@ -26,14 +26,12 @@ import argparse
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 TOY = ROOT / "demo" / "toyworld" / "checkpoints"
 
 SWEEP = """\
@@ -74,10 +72,10 @@ class _Collect(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.msg
-        if record.name == "eval.engines" and isinstance(msg, str) and msg.startswith("loaded "):
+        if record.name == "chatvec.eval.engines" and isinstance(msg, str) and msg.startswith("loaded "):
             self.split.start += float(record.args[-1])
             self.split.starts += 1
-        elif record.name == "cluster.in_engine" and isinstance(msg, str) and msg.startswith("swapped "):
+        elif record.name == "chatvec.cluster.in_engine" and isinstance(msg, str) and msg.startswith("swapped "):
             self.split.swap += float(record.args[3])
 
 
@@ -91,7 +89,7 @@ def build_world(kind: str, work: Path) -> dict:
             "benchmark": TOY / "benchmarks.yaml",
             "embeddings": "skip",
         }
-    from demo.tiny import build_triple
+    from chatvec.demo.tiny import build_triple
 
     folder = work / "world-100m"
     if not (folder / "cp" / "config.json").exists():
@@ -108,10 +106,10 @@ def build_world(kind: str, work: Path) -> dict:
 
 
 def run_one(world: dict, engine: str, in_engine: bool, args, work: Path) -> Split:
-    import cluster.sweep_run as sweep_run
-    from cluster.config import ChatvecConfig, EvalSettings, VLLMSettings
-    from cluster.sweep import load_sweep
-    from cluster.sweep_run import run_sweep
+    import chatvec.runs.sweep_run as sweep_run
+    from chatvec.core.config import ChatvecConfig, EvalSettings, VLLMSettings
+    from chatvec.runs.sweep import load_sweep
+    from chatvec.runs.sweep_run import run_sweep
 
     mode = "in-engine" if in_engine else "checkpoint"
     root = work / f"store-{engine}-{mode}"
@@ -133,7 +131,7 @@ def run_one(world: dict, engine: str, in_engine: bool, args, work: Path) -> Spli
     sweep.in_engine = in_engine
     config = ChatvecConfig(eval=EvalSettings(vllm=VLLMSettings(enforce_eager=True, cpu_kvcache_gib=2)))
     collect = _Collect()
-    for name in ("eval.engines", "cluster.in_engine"):
+    for name in ("chatvec.eval.engines", "chatvec.cluster.in_engine"):
         logging.getLogger(name).addHandler(collect)
         logging.getLogger(name).setLevel(logging.INFO)
     merge_all = sweep_run._merge_all
@@ -151,7 +149,7 @@ def run_one(world: dict, engine: str, in_engine: bool, args, work: Path) -> Spli
         outcome = run_sweep(sweep, run_id="bench", config=config, merge_workers=0, eval_workers=0, echo=lambda s: None)
     finally:
         sweep_run._merge_all = merge_all
-        for name in ("eval.engines", "cluster.in_engine"):
+        for name in ("chatvec.eval.engines", "chatvec.cluster.in_engine"):
             logging.getLogger(name).removeHandler(collect)
     collect.split.wall = time.perf_counter() - start
     if outcome.failed_cells:

@@ -188,7 +188,7 @@ print(json.dumps({"rc": proc.returncode, "seconds": seconds, "cpu": r.ru_utime +
 
 def chatvec_command() -> list[str]:
     exe = Path(sys.executable).with_name("chatvec")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "cluster.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "chatvec.cli"]
 
 
 _PHASE = re.compile(r"(ray start|actors up|shards|commit) ([0-9.]+) s")
@@ -289,8 +289,7 @@ def main() -> None:
     ap.add_argument("--shard-size", default="200MB")
     ap.add_argument("--workdir", default=None, help="keep the triple here between runs (default: a temp dir)")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
-    from merge.units import format_size, parse_size
+    from chatvec.core.units import format_size, parse_size
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chatvec-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)

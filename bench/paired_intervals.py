@@ -21,12 +21,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def demo_results(out: Path) -> Path:
     subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "demo", "--out", str(out), "--workers", "0", "--eval-workers", "0"],
+        [sys.executable, "-m", "chatvec.cli", "demo", "--out", str(out), "--workers", "0", "--eval-workers", "0"],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -40,9 +38,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the bootstrap's seed")
     args = ap.parse_args()
 
-    from eval.browser import load_samples
-    from eval.report import ModelInfo, _layout
-    from eval.report_answers import paired_rows
+    from chatvec.eval.browser import load_samples
+    from chatvec.eval.report import ModelInfo, _layout
+    from chatvec.eval.report_answers import paired_rows
 
     with tempfile.TemporaryDirectory() as tmp:
         results = Path(args.results) if args.results else demo_results(Path(tmp))
@@ -102,7 +100,7 @@ def _medians(title: str, ratios: dict[str, list[float]]) -> None:
 
 def _merged_pairs(samples: list[dict], layout, seed: int) -> dict[str, list[float]]:
     """Ratios for pairs of merged models of one target that differ in one setting."""
-    from eval.paired import compare_models
+    from chatvec.eval.paired import compare_models
 
     by_model: dict[str, list[dict]] = {}
     for r in samples:

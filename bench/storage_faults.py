@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' fault proxy
 
 
 def free_port() -> int:
@@ -72,9 +72,9 @@ def main() -> None:
     )
     from faultproxy import FaultProxy, Faults
 
-    from merge import storage_clients
-    from merge.storage import Store
-    from merge.units import parse_size
+    from chatvec.core import storage_clients
+    from chatvec.core.storage import Store
+    from chatvec.core.units import parse_size
 
     size = parse_size(args.size)
     moto, endpoint = start_moto()

@@ -23,11 +23,8 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 METRICS = ("closed", "either", "exact", "in_lang")
 
@@ -69,7 +66,7 @@ def merge_in_process(world: Path, out: Path, ratio: float, embeddings: str, *, r
     import torch
     from safetensors.torch import save_file
 
-    from merge.vocab import is_vocab_tensor
+    from chatvec.merge.vocab import is_vocab_tensor
 
     if (out / "model.safetensors").exists():
         return out
@@ -97,14 +94,17 @@ def merge_in_process(world: Path, out: Path, ratio: float, embeddings: str, *, r
 def merge_engine_available() -> bool:
     import importlib.util
 
-    return all(importlib.util.find_spec(m) is not None for m in ("merge.output", "merge.plan", "merge.recipe"))
+    return all(
+        importlib.util.find_spec(m) is not None
+        for m in ("chatvec.merge.output", "chatvec.merge.plan", "chatvec.merge.recipe")
+    )
 
 
 def merge_with_engine(world: Path, out: Path, ratio: float, embeddings: str) -> Path:
     """CP + ratio * (chat - base) with the project's merge engine."""
-    from merge.pipeline import merge_local
-    from merge.plan import build_plan
-    from merge.recipe import Recipe, VectorSpec
+    from chatvec.merge.pipeline import merge_local
+    from chatvec.merge.plan import build_plan
+    from chatvec.merge.recipe import Recipe, VectorSpec
 
     recipe = Recipe(
         cp=str(world / "cp"),
@@ -125,12 +125,12 @@ def same_weights(a: Path, b: Path) -> bool:
 
 # -- evaluation -----------------------------------------------------------------------------------
 def evaluate(model_dir: Path, items: list[dict], max_new_tokens: int = 16) -> dict:
-    from demo.toyworld.language import SCRIPTS as TOY_SCRIPTS
-    from eval.engines.base import Decoding, GenerationRequest
-    from eval.engines.hf import HFEngine
-    from eval.fidelity import ScriptDetector
-    from eval.kinds.task import either_script_match, exact_match
-    from eval.prompts import Prompts
+    from chatvec.demo.toyworld.language import SCRIPTS as TOY_SCRIPTS
+    from chatvec.eval.engines.base import Decoding, GenerationRequest
+    from chatvec.eval.engines.hf import HFEngine
+    from chatvec.eval.fidelity import ScriptDetector
+    from chatvec.eval.kinds.task import either_script_match, exact_match
+    from chatvec.eval.prompts import Prompts
 
     engine = HFEngine(str(model_dir), device="cpu", dtype="float32", batch_size=32)
     prompts = Prompts(engine.tokenizer, model_name=model_dir.name)
@@ -159,8 +159,8 @@ def evaluate(model_dir: Path, items: list[dict], max_new_tokens: int = 16) -> di
 def run_seed(work: Path, seed: int, ratios: list[float], quick: bool, no_code_switch: bool = False) -> dict:
     from dataclasses import replace
 
-    from demo.toyworld.build import WORLD_FILE, WorldConfig, build_world
-    from demo.toyworld.corpora import Mixture
+    from chatvec.demo.toyworld.build import WORLD_FILE, WorldConfig, build_world
+    from chatvec.demo.toyworld.corpora import Mixture
 
     world = work / (f"seed{seed}-no-code-switch" if no_code_switch else f"seed{seed}")
     if not (world / WORLD_FILE).exists():

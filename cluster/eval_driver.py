@@ -1,6 +1,6 @@
-"""The evaluation on Ray: ``RayExecutor`` maps the cells of ``eval.pipeline.run_pipeline`` to actors.
+"""The evaluation on Ray: ``RayExecutor`` maps the cells of ``chatvec.eval.pipeline.run_pipeline`` to actors.
 
-The phases and what a cell does live in ``eval/`` (``eval.pipeline``, ``eval.runner``); this
+The phases and what a cell does live in ``eval/`` (``chatvec.eval.pipeline``, ``chatvec.eval.runner``); this
 module only schedules: eval actors over models, then judge actors over cells.
 
 Each eval actor holds one engine for one model and runs every cell of that model before it
@@ -24,7 +24,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from eval.pipeline import (
+from chatvec.core.errors import ConfigError
+from chatvec.core.storage import Store
+from chatvec.eval.pipeline import (
     FAILED,
     GENERATE,
     JUDGE,
@@ -36,9 +38,7 @@ from eval.pipeline import (
     RunSettings,
     run_pipeline,
 )
-from eval.results import Cell, write_status
-from merge.errors import ConfigError
-from merge.storage import Store
+from chatvec.eval.results import Cell, write_status
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ class EvalWorker:
 
     def prepare(self, job: ModelJob) -> dict:
         """Load the job's model, dropping the previous one. A load error is kept for its cells to report."""
-        from eval.engines import LOAD_COUNTS
-        from eval.runner import ModelEvaluator
+        from chatvec.eval.engines import LOAD_COUNTS
+        from chatvec.eval.runner import ModelEvaluator
 
         if self.evaluator is not None:
             self.evaluator.close()
@@ -78,12 +78,12 @@ class EvalWorker:
 
 class JudgeWorker:
     def __init__(self, judge: str, run: RunContext):
-        from eval.runner import JudgeRunner
+        from chatvec.eval.runner import JudgeRunner
 
         self.runner = JudgeRunner(judge, run=run, store=Store(run.out_uri))
 
     def prepare(self, _job: Any) -> dict:
-        from eval.engines import LOAD_COUNTS
+        from chatvec.eval.engines import LOAD_COUNTS
 
         try:
             self.runner.ensure_loaded()
@@ -122,7 +122,7 @@ def _run_pool(
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
-    from cluster.liveness import wait_one
+    from chatvec.cluster.liveness import wait_one
 
     queue = deque(jobs)
     slots = [_Slot() for _ in range(min(size, len(jobs)))]
@@ -232,7 +232,7 @@ class RayExecutor:
     def start(self, settings: RunSettings) -> RunSettings:
         import ray
 
-        from cluster.runtime import ensure_ray
+        from chatvec.cluster.runtime import ensure_ray
 
         ensure_ray(self.config)
         gpus = _actor_gpus(self.config, settings)
@@ -314,7 +314,7 @@ def run_eval(
     items per cell (quick runs). Finished cells already in ``out_uri`` are kept unless their inputs
     changed; the returned outcome lists every cell's result and the cells redone, with why.
     """
-    from cluster.config import load_config
+    from chatvec.core.config import load_config
 
     config = config if config is not None else load_config(None)
     eval_config = config.eval
@@ -350,7 +350,7 @@ def run_eval(
 
 
 def _actor_gpus(config, settings: RunSettings) -> float:
-    from cluster.runtime import resolve_gpus
+    from chatvec.cluster.runtime import resolve_gpus
 
     if settings.device == "cpu":
         return 0.0

@@ -10,7 +10,7 @@ committed checkpoint of that point records, so the two paths give the same cells
 from the chat model) cannot be swapped in place: it is merged and evaluated the checkpoint way,
 and the run says so.
 
-The cells run through ``eval.pipeline.run_pipeline`` with an executor of this module: in this
+The cells run through ``chatvec.eval.pipeline.run_pipeline`` with an executor of this module: in this
 process (``workers: 0``) or on Ray eval actors, which pull points from a queue as they do
 models; an actor keeps its engine while the next point has the same CP model.
 """
@@ -24,11 +24,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.weight_swap import EXTENSION, fingerprint_identity, load_point, swappable
-from eval.pipeline import CellResult, ModelJob, Progress, RunContext, RunSettings
-from eval.results import Cell
-from merge.errors import InputError
-from merge.storage import Store
+from chatvec.cluster.weight_swap import EXTENSION, fingerprint_identity, load_point, swappable
+from chatvec.core.errors import InputError
+from chatvec.core.storage import Store
+from chatvec.eval.pipeline import CellResult, ModelJob, Progress, RunContext, RunSettings
+from chatvec.eval.results import Cell
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Point:
 
     name: str
     cp: str
-    plan: Any  # merge.plan.MergePlan
+    plan: Any  # chatvec.merge.plan.MergePlan
 
     @property
     def identity(self) -> str:
@@ -77,11 +77,11 @@ def split_points(merges: Sequence, echo=print) -> tuple[list, list]:
 
 def check_in_engine(engine: str, cps: Sequence[str], device: str) -> None:
     """Stop before any model loads when the in-engine path cannot run at all."""
-    from eval.engines import engine_class
+    from chatvec.eval.engines import engine_class
 
     engine_class(engine)
     if engine == "vllm":
-        from eval.engines.vllm import _MISSING, check_cpu_model, resolve_vllm_device
+        from chatvec.eval.engines.vllm import _MISSING, check_cpu_model, resolve_vllm_device
 
         try:
             import vllm  # noqa: F401
@@ -108,7 +108,7 @@ class PointEngine:
 
     def ensure(self, cp: str) -> None:
         """An engine loaded from ``cp`` (the one held, when it is that CP's)."""
-        from eval.engines import load_engine
+        from chatvec.eval.engines import load_engine
 
         if self.engine is not None and self.cp != cp:
             self.close()
@@ -150,7 +150,7 @@ class PointEngine:
 
     def evaluator(self, run: RunContext, job: ModelJob, store: Store, point: Point):
         """A ModelEvaluator for ``job`` on this engine; a load or swap failure fails its cells."""
-        from eval.runner import ModelEvaluator
+        from chatvec.eval.runner import ModelEvaluator
 
         try:
             self.take(point)
@@ -180,7 +180,7 @@ def _timed_run(evaluator, cells, on_result, timings: Timings) -> list[CellResult
 
 
 class InEngineExecutor:
-    """eval.pipeline's CellExecutor for merge points, in this process. Judging is the usual one."""
+    """chatvec.eval.pipeline's CellExecutor for merge points, in this process. Judging is the usual one."""
 
     def __init__(self, points: dict[str, Point], store: Store | None = None) -> None:
         self.points = points
@@ -193,8 +193,8 @@ class InEngineExecutor:
     def generate(
         self, run: RunContext, jobs: Sequence[ModelJob], progress: Progress
     ) -> tuple[list[CellResult], dict[str, int]]:
-        from eval.engines import LOAD_COUNTS
-        from eval.runner import loads_since
+        from chatvec.eval.engines import LOAD_COUNTS
+        from chatvec.eval.runner import loads_since
 
         before = dict(LOAD_COUNTS)
         store = self.store or Store(run.out_uri)
@@ -213,7 +213,7 @@ class InEngineExecutor:
         return results, loads_since(before)
 
     def judge(self, run: RunContext, judge: str, cells: Sequence[Cell], progress: Progress):
-        from eval.runner import InProcessExecutor
+        from chatvec.eval.runner import InProcessExecutor
 
         return InProcessExecutor(self.store).judge(run, judge, cells, progress)
 
@@ -260,7 +260,7 @@ class InEngineWorker:
     def prepare(self, job: TargetJob) -> dict:
         """Load the target's CP model (kept when it is the one held). A load error is kept: each
         cell then fails with it, as the cells of a model that does not load."""
-        from eval.engines import LOAD_COUNTS
+        from chatvec.eval.engines import LOAD_COUNTS
 
         self.job, self.current = job, None
         error = None
@@ -294,7 +294,7 @@ class RayInEngineExecutor:
     the rest of its target goes back to the queue for a fresh actor."""
 
     def __init__(self, workers: int, config, points: dict[str, Point]) -> None:
-        from cluster.eval_driver import RayExecutor
+        from chatvec.cluster.eval_driver import RayExecutor
 
         self.base = RayExecutor(workers, config)
         self.points = points
@@ -306,7 +306,7 @@ class RayInEngineExecutor:
     def generate(self, run: RunContext, jobs: Sequence[ModelJob], progress: Progress):
         import ray
 
-        from cluster.eval_driver import _run_pool, _sum_loads, actor_name
+        from chatvec.cluster.eval_driver import _run_pool, _sum_loads, actor_name
 
         actor_cls = ray.remote(InEngineWorker)
 
@@ -372,7 +372,7 @@ class InEngineRun:
         judge_max_new_tokens=None,
     ):
         """The in-engine models of one evaluation group (the others go through run_eval as usual)."""
-        from eval.pipeline import run_pipeline
+        from chatvec.eval.pipeline import run_pipeline
 
         ev = config.eval
         settings = RunSettings(

@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from merge.errors import ChatvecError
+from chatvec.core.errors import ChatvecError
 
 logger = logging.getLogger(__name__)
 

@@ -27,13 +27,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from merge.errors import ChatvecError, ConfigError
+from chatvec.core.errors import ChatvecError, ConfigError
 
 if TYPE_CHECKING:
-    from cluster.config import ChatvecConfig
-    from merge.output import MergeSummary
-    from merge.plan import MergePlan
-    from merge.shard_writer import ShardResult
+    from chatvec.core.config import ChatvecConfig
+    from chatvec.merge.output import MergeSummary
+    from chatvec.merge.plan import MergePlan
+    from chatvec.merge.shard_writer import ShardResult
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def pick_device(requested: str) -> tuple[str, str]:
     """The device a merge actor computes on, and why. Ray sets CUDA_VISIBLE_DEVICES to the GPUs
     it gave the actor, so "cuda" is always the actor's own GPU; without one the actor falls back
     to the CPU rather than fail (a CPU-only node, or Ray's logical GPUs in tests)."""
-    from merge.kernels import resolve_compute_device
+    from chatvec.merge.kernels import resolve_compute_device
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if requested in ("cpu", "torch-cpu"):
@@ -74,8 +74,8 @@ class MergeWorker:
     retried call, which carries the reference the driver still holds."""
 
     def __init__(self, out_uri: str, device: str, number: int = 0) -> None:
-        from merge.shard_writer import worker_name
-        from merge.storage import Store
+        from chatvec.core.storage import Store
+        from chatvec.merge.shard_writer import worker_name
 
         self.out = Store(out_uri)
         self.device, why = pick_device(device)
@@ -93,7 +93,7 @@ class MergeWorker:
         if self.writer is None:
             import ray
 
-            from merge.shard_writer import ShardWriter
+            from chatvec.merge.shard_writer import ShardWriter
 
             self.writer = ShardWriter(ray.get(plan_box[0]), self.device, worker=self.name)
         self.current, self.current_bytes = index, 0
@@ -187,7 +187,7 @@ class RayShardExecutor:
     def _actor_class(self, n: int):
         import ray
 
-        from cluster.runtime import resolve_gpus
+        from chatvec.cluster.runtime import resolve_gpus
 
         cfg = self.config.merge
         gpus = resolve_gpus(cfg.gpus_per_worker)
@@ -231,7 +231,7 @@ class RayShardExecutor:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        from cluster.runtime import ensure_ray
+        from chatvec.cluster.runtime import ensure_ray
 
         t0 = time.perf_counter()
         ensure_ray(self.config)
@@ -435,8 +435,8 @@ class DistributedMerge:
         return self.executor.timings
 
     def run(self, progress: bool = True) -> MergeSummary:
-        from merge.pipeline import run_merge
-        from merge.storage import Store
+        from chatvec.core.storage import Store
+        from chatvec.merge.pipeline import run_merge
 
         return run_merge(
             self.plan,
@@ -468,12 +468,12 @@ def run_merge_job(
     """The one place that decides where shards run: `workers` 0 in this process (no Ray is
     imported), N on N Ray actors. Either way the same sequence (merge/pipeline.py), the same
     lock TTL (merge.lock_ttl_s), clean-up and `overwrite` handling."""
-    from merge.pipeline import InProcessExecutor, run_merge
-    from merge.storage import Store
+    from chatvec.core.storage import Store
+    from chatvec.merge.pipeline import InProcessExecutor, run_merge
 
     out = Store(out_uri)
     if workers == 0:
-        from merge.kernels import resolve_compute_device
+        from chatvec.merge.kernels import resolve_compute_device
 
         local_device = resolve_compute_device(device)
 

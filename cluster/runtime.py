@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
-from cluster.config import ChatvecConfig
-from merge.errors import ChatvecError
+from chatvec.core.config import ChatvecConfig
+from chatvec.core.errors import ChatvecError
 
 logger = logging.getLogger(__name__)
 

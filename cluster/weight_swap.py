@@ -1,6 +1,6 @@
 """A merge point's weights swapped into a running engine, computed in memory, no checkpoint written.
 
-The tensors come from ``merge.in_memory.merged_tensors``: the bytes ``chatvec merge`` of the
+The tensors come from ``chatvec.merge.in_memory.merged_tensors``: the bytes ``chatvec merge`` of the
 same plan would write, in the output dtype. They are handed to the engine as tensors of that
 dtype, so the engine casts them exactly as it casts a checkpoint it loads: it then holds what it
 would hold after loading the merged model.
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
-EXTENSION = "cluster.weight_swap.SwapExtension"
+EXTENSION = "chatvec.cluster.weight_swap.SwapExtension"
 _TORCH_DTYPES = {
     "F32": "float32",
     "F16": "float16",
@@ -60,7 +60,7 @@ def torch_tensors(plan, device: str = "cpu") -> Iterator[tuple[str, object]]:
     """(name, torch tensor in the output dtype) for every tensor of the merge, in checkpoint order."""
     import torch
 
-    from merge.in_memory import merged_tensors
+    from chatvec.merge.in_memory import merged_tensors
 
     for name, dtype, shape, data in merged_tensors(plan, device="cpu"):
         tensor = (
@@ -138,7 +138,7 @@ class PointFiles:
     temporary folder, for the engine to take its tokenizer and stop tokens from."""
 
     def __init__(self, plan) -> None:
-        from merge.metadata_files import side_files
+        from chatvec.merge.metadata_files import side_files
 
         self.path = tempfile.mkdtemp(prefix="chatvec-point-")
         for rel, data in side_files(plan, {"fingerprint": plan.fingerprint()}).items():
@@ -163,8 +163,8 @@ def load_point(engine, plan) -> SwapTiming:
 
 
 def fingerprint_identity(plan) -> str:
-    """The model identity a committed checkpoint of ``plan`` gets (eval.identity reads it from the
+    """The model identity a committed checkpoint of ``plan`` gets (chatvec.eval.identity reads it from the
     manifest), so cells of the two paths are the same cells."""
-    from eval.identity import merged_model_identity
+    from chatvec.eval.identity import merged_model_identity
 
     return merged_model_identity(plan.fingerprint())

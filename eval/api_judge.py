@@ -31,8 +31,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from tqdm.auto import tqdm
 
-from eval.judging import JudgeReply
-from merge.errors import ChatvecError
+from chatvec.core.errors import ChatvecError
+from chatvec.eval.judging import JudgeReply
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from merge.errors import InputError
+from chatvec.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def source_path(source: str) -> str:
 def absolute_source(source: str, base: str | None = None) -> str:
     """Local relative paths made absolute (against ``base`` or the working directory), so a
     Ray actor, whose working directory differs, reads the same file."""
-    from merge.storage import is_local, local_path
+    from chatvec.core.storage import is_local, local_path
 
     if source.startswith((SHIPPED_PREFIX, "dataset:")) or not is_local(source):
         return source
@@ -155,8 +155,8 @@ def parse_benchmark(arg: str | BenchmarkSpec) -> list[BenchmarkSpec]:
         return [_absolute(arg, None)]
     arg = arg.strip()
     if arg.endswith((".yaml", ".yml")) and "=" not in arg:
-        from merge.storage import is_local, local_path
-        from merge.yamlconfig import load_model
+        from chatvec.core.storage import is_local, local_path
+        from chatvec.core.yamlconfig import load_model
 
         base = os.path.dirname(os.path.abspath(local_path(arg))) if is_local(arg) else None
         specs = load_model(arg, BenchmarkFile).benchmarks
@@ -171,7 +171,7 @@ def parse_benchmark(arg: str | BenchmarkSpec) -> list[BenchmarkSpec]:
         source, kind, language = parts
         check_name(name, "benchmark name")
         check_name(language, "language code")
-        from eval.kinds import kind_class
+        from chatvec.eval.kinds import kind_class
 
         kind_class(kind)
         return [_absolute(BenchmarkSpec(name=name, kind=kind, data={language: source}), None)]

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from merge.storage import Store
+from chatvec.core.storage import Store
 
 FOLDER = "answers"
 
@@ -37,7 +37,7 @@ class Page:
 
 def load_samples(results: str | Store) -> list[dict]:
     """Every sample row of a run's results folder (``<out>/samples/...parquet``)."""
-    from eval.results import read_table
+    from chatvec.eval.results import read_table
 
     store = results if isinstance(results, Store) else Store(results)
     rows: list[dict] = []

@@ -3,7 +3,7 @@
 A cell's samples file can be cut short (a node died mid-upload to a store without atomic
 writes, a disk filled, someone copied half a folder), flipped by bad hardware, or left by a
 version with other columns. Each of these is caught here: the Parquet footer and every page's
-CRC (written by ``eval.results.table_bytes``) are verified, the columns are compared with the
+CRC (written by ``chatvec.eval.results.table_bytes``) are verified, the columns are compared with the
 schema, and a cell's status file must parse and agree with its samples on the row count. A
 broken cell's files are removed, with a warning that names the file, and the caller computes the
 cell again.
@@ -18,8 +18,8 @@ import logging
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from merge.errors import InputError
-from merge.storage import Store
+from chatvec.core.errors import InputError
+from chatvec.core.storage import Store
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def verify_cell(store: Store, cell) -> bool:
     """True when the cell has a whole samples file (and, when it has one, a status file that
     parses and agrees with it). A broken cell's files are removed, with a warning naming the
     broken file, and False is returned: the cell is computed again."""
-    from eval.schema import SAMPLES_SCHEMA
+    from chatvec.eval.schema import SAMPLES_SCHEMA
 
     if not store.is_file(cell.samples_rel):
         return False

@@ -1,8 +1,8 @@
-"""Errors only evaluation raises. The shared ones (InputError, ConfigError, ...) are in merge/errors.py."""
+"""Errors only evaluation raises. The shared ones (InputError, ConfigError, ...) are in core/errors.py."""
 
 from __future__ import annotations
 
-from merge.errors import ChatvecError
+from chatvec.core.errors import ChatvecError
 
 
 class BenchmarkDataError(ChatvecError):

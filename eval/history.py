@@ -25,12 +25,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from eval.results import RUN_FILE as EVAL_RUN_FILE
-from eval.results import SUMMARY_FILE, as_store, read_table
-from eval.results import write_summary as write_run_summary
-from merge.errors import ChatvecError, InputError
-from merge.layout import RESULTS, RUN_PREFIX, results_uri, run_results_uri
-from merge.storage import Store
+from chatvec.core.errors import ChatvecError, InputError
+from chatvec.core.layout import RESULTS, RUN_PREFIX, results_uri, run_results_uri
+from chatvec.core.storage import Store
+from chatvec.eval.results import RUN_FILE as EVAL_RUN_FILE
+from chatvec.eval.results import SUMMARY_FILE, as_store, read_table
+from chatvec.eval.results import write_summary as write_run_summary
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def load_summary(root: Store | str, run_id: str) -> pa.Table:
 
 
 def write_summary(root: Store | str, run_id: str, table: pa.Table) -> str:
-    """A run's summary into its folder under the root (eval.results.write_summary does the writing)."""
+    """A run's summary into its folder under the root (chatvec.eval.results.write_summary does the writing)."""
     return write_run_summary(as_store(root), table, folder=_run_rel(run_id))
 
 
@@ -211,7 +211,7 @@ def load_summaries(root: Store | str, run_ids: Iterable[str] | None = None) -> p
             table = _read_parquet(store, rel).replace_schema_metadata(None)
             tables.append(table.append_column("run", pa.array([rid] * table.num_rows, pa.string())))
     if not tables:
-        from eval.schema import SUMMARY_SCHEMA
+        from chatvec.eval.schema import SUMMARY_SCHEMA
 
         return SUMMARY_SCHEMA.empty_table().append_column("run", pa.array([], pa.string()))
     return pa.concat_tables(tables, promote_options="default")

@@ -26,8 +26,8 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from eval.benchmarks import BenchmarkSpec
-    from eval.pipeline import RunSettings
+    from chatvec.eval.benchmarks import BenchmarkSpec
+    from chatvec.eval.pipeline import RunSettings
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ class CellIdentity:
 # -- the model ------------------------------------------------------------------------------------
 def model_identity(uri: str) -> str | None:
     """A digest of the model's contents at ``uri``, or None when the model cannot be listed."""
-    from merge.checkpoint import normalize_uri
-    from merge.storage import Store
+    from chatvec.core.file_identity import normalize_uri
+    from chatvec.core.storage import Store
 
     try:
         store = Store(normalize_uri(uri))
@@ -106,7 +106,7 @@ def merged_model_identity(fingerprint: str) -> str:
 
 def _manifest_fingerprint(store, sizes: dict[str, int | None]) -> str | None:
     """The merge fingerprint when every file the manifest lists is there with its recorded size."""
-    from merge.layout import MANIFEST
+    from chatvec.core.layout import MANIFEST
 
     if MANIFEST not in sizes:
         return None
@@ -121,7 +121,7 @@ def _manifest_fingerprint(store, sizes: dict[str, int | None]) -> str | None:
 
 
 def _file_identities(store, sizes: dict[str, int | None]) -> list:
-    from merge.checkpoint import file_identity
+    from chatvec.core.file_identity import file_identity
 
     out = []
     for rel, size in sorted(sizes.items()):
@@ -139,7 +139,7 @@ def data_identity(spec: BenchmarkSpec, language: str, items: list[dict]) -> str:
 def options_identity(spec: BenchmarkSpec, settings: RunSettings) -> str:
     """The kind, its settings and the decoding as the cell uses it; where the data lives is not
     part of it, nor is a length cap for a kind that generates nothing."""
-    from eval.kinds import get_kind
+    from chatvec.eval.kinds import get_kind
 
     kind = get_kind(spec.kind)
     described = spec.model_dump(mode="json", exclude={"data", "description", "name", "max_new_tokens"})
@@ -156,7 +156,7 @@ def options_identity(spec: BenchmarkSpec, settings: RunSettings) -> str:
 def engine_identity(engine: str) -> str | None:
     """``NAME VERSION`` of an engine (``hf 5.17.0``: transformers; ``vllm 0.32.0``), or None when
     its library is not installed here (then it is not compared)."""
-    from eval.engines import engine_version
+    from chatvec.eval.engines import engine_version
 
     version = engine_version(engine)
     return None if version is None else f"{engine} {version}"

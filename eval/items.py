@@ -12,11 +12,11 @@ import logging
 import posixpath
 from collections.abc import Iterator
 
-from eval.benchmarks import BenchmarkSpec, source_path
-from eval.errors import BenchmarkDataError
-from eval.kinds import get_kind
-from merge.errors import InputError
-from merge.storage import Store, is_local, local_path
+from chatvec.core.errors import InputError
+from chatvec.core.storage import Store, is_local, local_path
+from chatvec.eval.benchmarks import BenchmarkSpec, source_path
+from chatvec.eval.errors import BenchmarkDataError
+from chatvec.eval.kinds import get_kind
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import unicodedata
 
-from eval.schema import JUDGED, OUT_OF_RANGE, UNPARSEABLE
+from chatvec.eval.schema import JUDGED, OUT_OF_RANGE, UNPARSEABLE
 
 _NUM = r"([-+]?\d+(?:\.\d+)?)"
 _OUT_OF_TEN = r"(?:\s*/\s*10(?:\.0+)?)?"

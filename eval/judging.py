@@ -6,7 +6,7 @@ objects, in order. Two backends exist:
 
 - ``LocalJudge``: a model loaded into one of our engines; each prompt is rendered with the
   judge's own chat template, as any model's prompt is;
-- ``eval.api_judge.APIJudge``: an OpenAI-compatible chat-completions endpoint
+- ``chatvec.eval.api_judge.APIJudge``: an OpenAI-compatible chat-completions endpoint
   (``--judge openai:MODEL``).
 
 ``identity`` is what judged rows record in ``judge_model`` and what a cell's identity compares on
@@ -19,10 +19,10 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from merge.errors import InputError
+from chatvec.core.errors import InputError
 
 if TYPE_CHECKING:
-    from eval.pipeline import RunSettings
+    from chatvec.eval.pipeline import RunSettings
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ class LocalJudge:
     """A judge model in one of our engines (``settings.engine``), loaded when constructed."""
 
     def __init__(self, uri: str, settings: RunSettings) -> None:
-        from eval.engines import load_engine
-        from eval.prompts import Prompts
+        from chatvec.eval.engines import load_engine
+        from chatvec.eval.prompts import Prompts
 
         self.uri = uri
         self.identity = uri
@@ -72,7 +72,7 @@ class LocalJudge:
         self.prompts = Prompts(self.engine.tokenizer, model_name=f"judge {uri}")
 
     def judge(self, prompts: list[str], *, max_new_tokens: int, progress: bool = False) -> list[JudgeReply]:
-        from eval.engines.base import Decoding, GenerationRequest
+        from chatvec.eval.engines.base import Decoding, GenerationRequest
 
         if not prompts:
             return []
@@ -111,7 +111,7 @@ def judge_identity(spec: str, settings: RunSettings) -> str:
         finally:
             backend.close()
     else:
-        from eval.identity import engine_identity, model_identity
+        from chatvec.eval.identity import engine_identity, model_identity
 
         who = f"{spec} {model_identity(spec)} {engine_identity(settings.engine)}"
     return f"{who} budget={judge_budget(settings)}"
@@ -124,7 +124,7 @@ def make_judge(spec: str, settings: RunSettings) -> JudgeBackend:
         if not model:
             raise InputError("--judge openai:MODEL needs a model name, e.g. --judge openai:gpt-4o")
         try:
-            from eval.api_judge import APIJudge
+            from chatvec.eval.api_judge import APIJudge
         except ImportError as exc:
             raise InputError(
                 f"--judge {spec}: the API judge is not available in this installation ({exc}); "

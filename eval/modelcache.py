@@ -18,8 +18,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-from merge.errors import InputError
-from merge.storage import Store, is_local, local_path
+from chatvec.core.errors import InputError
+from chatvec.core.storage import Store, is_local, local_path
 
 logger = logging.getLogger(__name__)
 

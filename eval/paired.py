@@ -221,7 +221,7 @@ def format_diff(d: PairedDiff, digits: int = 3) -> str:
 # -- two runs of the same models (nightly checks, ``chatvec results --compare``) -----------------
 @dataclass
 class PairedCheck:
-    changes: list  # eval.history.Change, the paired rule applied where it could be
+    changes: list  # chatvec.eval.history.Change, the paired rule applied where it could be
     paired: dict[tuple[str, str, str, str], PairedDiff]  # (model, language, benchmark, metric) -> diff
 
 
@@ -245,7 +245,7 @@ def pair_changes(
     min_delta: float = 0.0,
     seed: int = SEED,
 ) -> PairedCheck:
-    """Re-decide ``eval.history.compare``'s changes item by item where both runs scored exactly the
+    """Re-decide ``chatvec.eval.history.compare``'s changes item by item where both runs scored exactly the
     same items of a cell: a regression is then a paired interval (at the coverage of +-k standard
     errors, 95.45% for k = 2) that lies wholly on the bad side of 0, and a move of at least
     ``min_delta``. ``threshold`` becomes the distance from the change to the interval's end nearer
@@ -283,7 +283,7 @@ def pair_changes(
 
 def paired_table_text(check: PairedCheck, a: str, b: str) -> str:
     """The cells compared item by item, for the terminal."""
-    from eval.tabulate import table
+    from chatvec.eval.tabulate import table
 
     if not check.paired:
         return f"no cell of {a} and {b} scored the same items: compared by k x the combined stderr only"

@@ -4,16 +4,16 @@ The unit of work is a *cell*, (model, language, benchmark). ``run_pipeline`` is 
 
 1. plan: names checked, benchmark data read and checked (bad data fails here, before any model
    loads), the run id claimed, the cells planned, each with the identity of its inputs
-   (``eval.identity``); a finished cell whose inputs changed is redone, and the run says why;
+   (``chatvec.eval.identity``); a finished cell whose inputs changed is redone, and the run says why;
 2. generate: per model, one evaluator loads the model's engine ONCE and runs that model's cells;
    each cell's samples file is written as soon as the cell is done;
-3. judge: one judge backend (``eval.judging``) fills in the judged metrics of every cell that
+3. judge: one judge backend (``chatvec.eval.judging``) fills in the judged metrics of every cell that
    waits for it (or was judged by another judge), rewriting those cells' files;
 4. summarize: the summary table, written to ``summary.parquet``.
 
-Where the cells run is a ``CellExecutor``: ``eval.runner.InProcessExecutor`` runs them in this
-process; ``cluster.eval_driver.RayExecutor`` on Ray actors. An executor only schedules: what a
-cell does is ``eval.runner.ModelEvaluator`` / ``JudgeRunner`` in both.
+Where the cells run is a ``CellExecutor``: ``chatvec.eval.runner.InProcessExecutor`` runs them in this
+process; ``chatvec.cluster.eval_driver.RayExecutor`` on Ray actors. An executor only schedules: what a
+cell does is ``chatvec.eval.runner.ModelEvaluator`` / ``JudgeRunner`` in both.
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from eval.benchmarks import BenchmarkSpec, check_name, filter_languages, resolve_benchmarks
-from eval.identity import CellIdentity, cell_identity, model_identity
-from eval.preflight import check_models
-from eval.results import (
+from chatvec.core.errors import InputError
+from chatvec.core.storage import Store
+from chatvec.eval.benchmarks import BenchmarkSpec, check_name, filter_languages, resolve_benchmarks
+from chatvec.eval.identity import CellIdentity, cell_identity, model_identity
+from chatvec.eval.preflight import check_models
+from chatvec.eval.results import (
     Cell,
     claim_run,
     identity_of,
@@ -39,9 +41,7 @@ from eval.results import (
     write_samples,
     write_summary,
 )
-from eval.schema import NEEDS_JUDGE, NOT_JUDGED, PENDING, samples_table
-from merge.errors import InputError
-from merge.storage import Store
+from chatvec.eval.schema import NEEDS_JUDGE, NOT_JUDGED, PENDING, samples_table
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class ModelJob:
     model: str
     uri: str
     cells: list[Cell]
-    identity: str | None = None  # eval.identity.model_identity, or a merge fingerprint for swapped weights
+    identity: str | None = None  # chatvec.eval.identity.model_identity, or a merge fingerprint for swapped weights
 
 
 @dataclass
@@ -200,7 +200,7 @@ def plan_cells(
 def check_benchmark_data(cells: Sequence[Cell]) -> dict[tuple[str, str], list[dict]]:
     """Read every (benchmark, language) once so bad data fails before any model loads; returns
     the items by (benchmark, language)."""
-    from eval.items import load_items
+    from chatvec.eval.items import load_items
 
     items: dict[tuple[str, str], list[dict]] = {}
     for cell in cells:
@@ -313,7 +313,7 @@ def absolute_uri(uri: str) -> str:
     """A local path made absolute (actors run elsewhere); URIs and Hugging Face ids unchanged."""
     import os
 
-    from merge.storage import is_local, local_path
+    from chatvec.core.storage import is_local, local_path
 
     if not is_local(uri):
         return uri
@@ -359,12 +359,12 @@ def run_pipeline(
     """Evaluate ``models`` ({name: uri}) on benchmarks x languages into ``out_uri``, cells run by
     ``executor`` (default: in this process). ``model_identities`` overrides the identity of named
     models (weights swapped into an engine carry their merge fingerprint)."""
-    from eval.judging import judge_identity
+    from chatvec.eval.judging import judge_identity
 
     models, judge, out_uri = absolute_run_args(models, judge, out_uri)
     store = Store(out_uri)  # the run's one Store for its output
     if executor is None:
-        from eval.runner import InProcessExecutor
+        from chatvec.eval.runner import InProcessExecutor
 
         executor = InProcessExecutor(store)
     run_id, cells, items = plan_run(models, benchmarks=benchmarks, languages=languages, store=store, run_id=run_id)

@@ -15,8 +15,8 @@ import logging
 import os
 from collections.abc import Mapping
 
-from merge.errors import ChatvecError, InputError
-from merge.storage import Store, is_local, local_path
+from chatvec.core.errors import ChatvecError, InputError
+from chatvec.core.storage import Store, is_local, local_path
 
 logger = logging.getLogger(__name__)
 

@@ -27,9 +27,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from eval.history import Change, lower_is_better
-from eval.report_answers import browser_html, judge_status_html, paired_html, paired_rows
-from eval.report_plots import (
+from chatvec.core.storage import Store
+from chatvec.eval.history import Change, lower_is_better
+from chatvec.eval.report_answers import browser_html, judge_status_html, paired_html, paired_rows
+from chatvec.eval.report_plots import (
     INTERVAL_NOTE,
     applies,
     fmt,
@@ -42,7 +43,6 @@ from eval.report_plots import (
     plot_trend,
     target_title,
 )
-from merge.storage import Store
 
 logger = logging.getLogger(__name__)
 
@@ -375,9 +375,9 @@ def write_report(
 
     With the run's sample rows (``samples``, or read from ``results_uri``) the report also holds
     the paired comparisons, the judge's bookkeeping and the answer browser (answers/*.html).
-    ``paired_changes`` (``eval.paired.pair_changes(...).paired``) marks the regression rows that
+    ``paired_changes`` (``chatvec.eval.paired.pair_changes(...).paired``) marks the regression rows that
     were decided item by item."""
-    from eval.browser import load_samples, write_pages
+    from chatvec.eval.browser import load_samples, write_pages
 
     store = Store(out_uri)
     rows = summary.to_pylist()

@@ -16,9 +16,9 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from eval.browser import Page
-from eval.paired import PairedDiff, compare_models
-from eval.schema import NOT_JUDGED
+from chatvec.eval.browser import Page
+from chatvec.eval.paired import PairedDiff, compare_models
+from chatvec.eval.schema import NOT_JUDGED
 
 
 def paired_rows(samples: Sequence[Mapping[str, Any]], layout: Any, *, seed: int = 0) -> list[dict]:

@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from eval.history import lower_is_better
+from chatvec.eval.history import lower_is_better
 
 Z95 = 1.959963984540054
 # metrics whose every item scores 0 or 1: their mean is a rate

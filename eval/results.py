@@ -7,7 +7,7 @@
 
 A cell's samples file is written whole (it appears only once complete) and rewritten whole when
 the judge fills in its scores, so rows are never duplicated. The file's Parquet metadata holds
-the schema version and the cell's identity (``eval.identity``): what it was computed from. A
+the schema version and the cell's identity (``chatvec.eval.identity``): what it was computed from. A
 cell is generated again when its file is missing or its inputs changed; it is judged while any
 of its rows waits for a judge, or when another judge judged it.
 """
@@ -24,11 +24,11 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from eval.errors import NewerSchemaError
-from eval.identity import METADATA_KEY, CellIdentity
-from eval.schema import SAMPLES_SCHEMA, SCHEMA_VERSION, VERSION_KEY, summary_table
-from merge.errors import InputError
-from merge.storage import Store
+from chatvec.core.errors import InputError
+from chatvec.core.storage import Store
+from chatvec.eval.errors import NewerSchemaError
+from chatvec.eval.identity import METADATA_KEY, CellIdentity
+from chatvec.eval.schema import SAMPLES_SCHEMA, SCHEMA_VERSION, VERSION_KEY, summary_table
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def now() -> datetime:
 
 def table_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, write_page_checksum=True)  # checked on reruns (eval.checked_read)
+    pq.write_table(table, sink, write_page_checksum=True)  # checked on reruns (chatvec.eval.checked_read)
     return sink.getvalue().to_pybytes()
 
 
@@ -169,7 +169,7 @@ def footer_metadata(store: Store, rel: str) -> dict | None:
 def read_cell_identity(store: Store, cell: Cell) -> CellIdentity | None | bool:
     """The identity recorded in a cell's samples file: False when there is no file, None when the
     file records none (written by an older chatvec)."""
-    from eval.checked_read import verify_cell
+    from chatvec.eval.checked_read import verify_cell
 
     if not verify_cell(store, cell):  # missing, or broken and removed with a warning: computed again
         return False
@@ -200,7 +200,7 @@ def summarize(out: Store | str, run_id: str | None = None) -> pa.Table:
     for most metrics); ``n_unscored`` counts rows whose score is null (not judged, unreadable
     judgments, no detector for the language).
     """
-    from eval.kinds import get_kind
+    from chatvec.eval.kinds import get_kind
 
     store = as_store(out)
     files = [f for f in store.list("samples") if f.endswith(".parquet")]
@@ -222,7 +222,7 @@ def summarize(out: Store | str, run_id: str | None = None) -> pa.Table:
             try:
                 kinds[kind_name] = get_kind(kind_name)
             except InputError:
-                from eval.kinds.base import Kind
+                from chatvec.eval.kinds.base import Kind
 
                 kinds[kind_name] = Kind()
         value, stderr, n = kinds[kind_name].aggregate(metric, members)

@@ -2,7 +2,7 @@
 (the judge phase of whole cells), plus the in-process executor that runs them in this process.
 
 The Ray actors in ``cluster/eval_driver.py`` hold the same two classes; the sequence of phases
-is ``eval.pipeline.run_pipeline``. A failure inside a cell (an exception, a model that does not
+is ``chatvec.eval.pipeline.run_pipeline``. A failure inside a cell (an exception, a model that does not
 load) is written to the cell's status record and returned as a failed result; it never stops
 the other cells.
 """
@@ -14,10 +14,12 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 
-from eval.benchmarks import BenchmarkSpec
-from eval.engines.base import Engine
-from eval.identity import CellIdentity, cell_identity, model_identity
-from eval.pipeline import (  # noqa: F401  (the names tests and callers know this module by)
+from chatvec.core.errors import DiskFullError
+from chatvec.core.storage import Store
+from chatvec.eval.benchmarks import BenchmarkSpec
+from chatvec.eval.engines.base import Engine
+from chatvec.eval.identity import CellIdentity, cell_identity, model_identity
+from chatvec.eval.pipeline import (  # noqa: F401  (the names tests and callers know this module by)
     DONE,
     FAILED,
     GENERATE,
@@ -33,10 +35,8 @@ from eval.pipeline import (  # noqa: F401  (the names tests and callers know thi
     prepare_run,
     run_pipeline,
 )
-from eval.results import Cell, elapsed, identity_of, now, read_samples, write_samples, write_status
-from eval.schema import JUDGE_ERROR, NEEDS_JUDGE, NOT_JUDGED, samples_table
-from merge.errors import DiskFullError
-from merge.storage import Store
+from chatvec.eval.results import Cell, elapsed, identity_of, now, read_samples, write_samples, write_status
+from chatvec.eval.schema import JUDGE_ERROR, NEEDS_JUDGE, NOT_JUDGED, samples_table
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class ModelEvaluator(_LoadedOnce):
 
     # -- the engine -------------------------------------------------------------------------------
     def _load_engine(self) -> Engine:
-        from eval.engines import load_engine
+        from chatvec.eval.engines import load_engine
 
         s = self.settings
         return load_engine(
@@ -211,7 +211,7 @@ class ModelEvaluator(_LoadedOnce):
     def fidelity(self, spec: BenchmarkSpec):
         """The language scorer for a benchmark: the run's languages, plus a script detector for
         the languages the benchmark says are told apart by script (``scripts``)."""
-        from eval.fidelity import FidelityScorer, ScriptDetector
+        from chatvec.eval.fidelity import FidelityScorer, ScriptDetector
 
         key = tuple(sorted(spec.scripts.items()))
         if key not in self._scorers:
@@ -223,10 +223,10 @@ class ModelEvaluator(_LoadedOnce):
         return self._rows_and_identity(cell)[0]
 
     def _rows_and_identity(self, cell: Cell) -> tuple[list[dict], CellIdentity]:
-        from eval.items import load_items
-        from eval.kinds import get_kind
-        from eval.kinds.base import CellContext
-        from eval.prompts import Prompts
+        from chatvec.eval.items import load_items
+        from chatvec.eval.kinds import get_kind
+        from chatvec.eval.kinds.base import CellContext
+        from chatvec.eval.prompts import Prompts
 
         spec: BenchmarkSpec = cell.spec
         kind = get_kind(spec.kind)
@@ -275,7 +275,7 @@ def one_row_per_item(rows: list[dict]) -> list[dict]:
 
 # -- the judge phase ------------------------------------------------------------------------------
 class JudgeRunner(_LoadedOnce):
-    """Holds one judge backend (``eval.judging``) and scores the judged metrics of whole cells.
+    """Holds one judge backend (``chatvec.eval.judging``) and scores the judged metrics of whole cells.
 
     Rows waiting for a judge are judged; when the cell was judged by another judge than this
     run's (its recorded identity says so), every judged row is judged again."""
@@ -305,7 +305,7 @@ class JudgeRunner(_LoadedOnce):
         return getattr(self.backend, "engine", None)
 
     def load(self) -> None:
-        from eval.judging import make_judge
+        from chatvec.eval.judging import make_judge
 
         self.backend = make_judge(self.spec, self.settings)
 
@@ -364,8 +364,8 @@ class JudgeRunner(_LoadedOnce):
         )
 
     def _judge_rows(self, rows: list[dict], *, again: bool = False) -> tuple[list[dict], tuple[int, int]]:
-        from eval.judging import judge_budget
-        from eval.kinds import get_kind
+        from chatvec.eval.judging import judge_budget
+        from chatvec.eval.kinds import get_kind
 
         todo, prompts = [], []
         budget = judge_budget(self.settings)
@@ -398,8 +398,8 @@ class JudgeRunner(_LoadedOnce):
 
 # -- in this process ------------------------------------------------------------------------------
 def loads_since(before: Mapping[str, int]) -> dict[str, int]:
-    """Engine loads in this process since ``before`` (a copy of eval.engines.LOAD_COUNTS), by model URI."""
-    from eval.engines import LOAD_COUNTS
+    """Engine loads in this process since ``before`` (a copy of chatvec.eval.engines.LOAD_COUNTS), by model URI."""
+    from chatvec.eval.engines import LOAD_COUNTS
 
     return {uri: LOAD_COUNTS[uri] - before.get(uri, 0) for uri in LOAD_COUNTS if LOAD_COUNTS[uri] - before.get(uri, 0)}
 
@@ -421,7 +421,7 @@ class InProcessExecutor:
     def generate(
         self, run: RunContext, jobs: Sequence[ModelJob], progress: Progress
     ) -> tuple[list[CellResult], dict[str, int]]:
-        from eval.engines import LOAD_COUNTS
+        from chatvec.eval.engines import LOAD_COUNTS
 
         before = dict(LOAD_COUNTS)
         store = self._store(run)
@@ -437,7 +437,7 @@ class InProcessExecutor:
     def judge(
         self, run: RunContext, judge: str, cells: Sequence[Cell], progress: Progress
     ) -> tuple[list[CellResult], dict[str, int]]:
-        from eval.engines import LOAD_COUNTS
+        from chatvec.eval.engines import LOAD_COUNTS
 
         before = dict(LOAD_COUNTS)
         runner = JudgeRunner(judge, run=run, store=self._store(run))

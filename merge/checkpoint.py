@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from merge.errors import InputError
-from merge.safetensors_format import Header, TensorEntry, header_length, parse_header
-from merge.storage import Store, is_local, local_path
-from merge.tokens import read_tokens
+from chatvec.core.errors import InputError
+from chatvec.core.file_identity import FileIdentity, file_identity, normalize_uri
+from chatvec.core.storage import Store
+from chatvec.merge.safetensors_format import Header, TensorEntry, header_length, parse_header
+from chatvec.merge.tokens import read_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -37,31 +36,8 @@ SIDE_FILES = (
     "chat_template.json",
     VECTOR_INFO,
 )
-_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # headers of most files fit in this; one read then covers length prefix and JSON on object stores
 _HEADER_PROBE = 1 << 18
-
-
-def normalize_uri(uri: str) -> str:
-    """An absolute local path, a URI with a scheme, or ``hf://org/name`` for a bare Hub id."""
-    uri = str(uri)
-    if not is_local(uri):
-        return uri.rstrip("/")
-    path = local_path(uri)
-    if not os.path.exists(path) and _HF_ID.match(path) and not path.startswith((".", "/")):
-        return f"hf://{path}"
-    return os.path.abspath(path)
-
-
-@dataclass(frozen=True)
-class FileIdentity:
-    """What identifies an input file's contents without reading it."""
-
-    rel: str
-    size: int
-    sha256: str | None = None
-    etag: str | None = None
-    mtime: float | None = None
 
 
 @dataclass
@@ -110,28 +86,6 @@ class Checkpoint:
         if size is None and isinstance(cfg.get("text_config"), dict):
             size = cfg["text_config"].get("vocab_size")
         return size if isinstance(size, int) else None
-
-
-def file_identity(store: Store, rel: str, size: int) -> FileIdentity:
-    """What identifies one file's contents without reading it (shared with eval's cell identity)."""
-    return _identity(store, rel, size)
-
-
-def _identity(store: Store, rel: str, size: int) -> FileIdentity:
-    if store.local:
-        st = os.stat(store.path(rel))
-        return FileIdentity(rel, size, mtime=st.st_mtime_ns / 1e9)
-    if store.uri.startswith("hf://"):
-        try:
-            from huggingface_hub import HfFileSystem
-
-            info = HfFileSystem().info(store.path(rel))
-            lfs = info.get("lfs") or {}
-            return FileIdentity(rel, size, sha256=lfs.get("sha256"), etag=info.get("blob_id"))
-        except Exception as exc:  # identity is best effort; size still takes part
-            logger.debug("no Hub metadata for %s: %s", store.describe(rel), exc)
-            return FileIdentity(rel, size)
-    return FileIdentity(rel, size, mtime=store.mtime(rel))
 
 
 def _read_header(store: Store, rel: str) -> tuple[Header, int]:
@@ -197,7 +151,7 @@ def open_checkpoint(uri: str, role: str, *, allow_pickle: bool = False) -> Check
                 f"{role} {uri} has only pickle weights ({', '.join(pickles[:4])}), which can run code when "
                 "loaded: convert them to safetensors, or pass --allow-pickle if you trust them"
             )
-        from merge.pickle_convert import convert_pickles
+        from chatvec.merge.pickle_convert import convert_pickles
 
         weights_uri = convert_pickles(store, pickles)
         converted = Store(weights_uri)
@@ -210,7 +164,7 @@ def open_checkpoint(uri: str, role: str, *, allow_pickle: bool = False) -> Check
         header, size = _read_header(wstore, rel)
         if not metadata:
             metadata = header.metadata
-        identities.append(_identity(store, rel, size) if weights_uri == uri else FileIdentity(rel, size))
+        identities.append(file_identity(store, rel, size) if weights_uri == uri else FileIdentity(rel, size))
         for name, entry in header.tensors.items():
             if name in tensors:
                 raise InputError(f"{role} {uri}: tensor {name!r} is stored twice ({tensors[name].file} and {rel})")
@@ -229,10 +183,10 @@ def open_checkpoint(uri: str, role: str, *, allow_pickle: bool = False) -> Check
             )
     if weights_uri != uri:
         identities = [
-            _identity(store, rel, store.size(rel) or 0) for rel in sorted(top) if rel.endswith(PICKLE_SUFFIXES)
+            file_identity(store, rel, store.size(rel) or 0) for rel in sorted(top) if rel.endswith(PICKLE_SUFFIXES)
         ]
     side = [f for f in top if f in SIDE_FILES]
-    identities += [_identity(store, rel, store.size(rel) or 0) for rel in side]
+    identities += [file_identity(store, rel, store.size(rel) or 0) for rel in side]
     ckpt = Checkpoint(
         uri=uri,
         role=role,

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from merge.fused import try_fused
-from merge.gta import gta_job
-from merge.job_buffer import piece_bytes, tau_into
-from merge.jobs import Job
-from merge.kernels import dare_keep
-from merge.methods import METHODS, drops
-from merge.safetensors_format import ITEMSIZE
+from chatvec.merge.fused import try_fused
+from chatvec.merge.gta import gta_job
+from chatvec.merge.job_buffer import piece_bytes, tau_into
+from chatvec.merge.jobs import Job
+from chatvec.merge.kernels import dare_keep
+from chatvec.merge.methods import METHODS, drops
+from chatvec.merge.safetensors_format import ITEMSIZE
 
 
 class Scratch:

@@ -9,8 +9,8 @@ vector gives exactly the numbers a direct merge computes, so extract + merge == 
 
 from __future__ import annotations
 
-from merge.errors import PlanError
-from merge.plan import (
+from chatvec.core.errors import PlanError
+from chatvec.merge.plan import (
     MergePlan,
     RawCopy,
     Segment,
@@ -23,8 +23,8 @@ from merge.plan import (
     _row_segments,
     _shards,
 )
-from merge.safetensors_format import DTYPE_BY_NAME, FLOAT_DTYPES
-from merge.vocab import is_vocab_tensor, pair_base_chat
+from chatvec.merge.safetensors_format import DTYPE_BY_NAME, FLOAT_DTYPES
+from chatvec.merge.vocab import is_vocab_tensor, pair_base_chat
 
 
 def build_extract_plan(

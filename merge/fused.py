@@ -26,8 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from merge.kernels import dare_cutoff
-from merge.methods import METHODS, drops
+from chatvec.merge.kernels import dare_cutoff
+from chatvec.merge.methods import METHODS, drops
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def _load():
     if os.environ.get("CHATVEC_KERNEL", "auto") == "numpy":
         return None
     try:
-        from merge.fused_numba import abs_tau_collect, abs_tau_histogram, fused_bf16, fused_ties_bf16  # numba
+        from chatvec.merge.fused_numba import abs_tau_collect, abs_tau_histogram, fused_bf16, fused_ties_bf16  # numba
     except ImportError:
         logger.info("numba is not installed: merging with the numpy kernel")
         return None

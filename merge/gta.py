@@ -69,10 +69,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from merge.job_buffer import piece_bytes
-from merge.jobs import Job, Piece
-from merge.kernels import NumpyBackend, dare_keep
-from merge.methods import METHODS, drops
+from chatvec.merge.job_buffer import piece_bytes
+from chatvec.merge.jobs import Job, Piece
+from chatvec.merge.kernels import NumpyBackend, dare_keep
+from chatvec.merge.methods import METHODS, drops
 
 # compute dtypes whose every step is rounded (float32 and float64 are computed in float32)
 ROUNDED = ("BF16", "F16")

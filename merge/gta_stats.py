@@ -22,11 +22,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from merge.gta import mergekit_tau_into, round_scalar
-from merge.jobs import Job, task_jobs
-from merge.kernels import NumpyBackend, dare_keep
-from merge.methods import METHODS
-from merge.plan import TensorTask
+from chatvec.merge.gta import mergekit_tau_into, round_scalar
+from chatvec.merge.jobs import Job, task_jobs
+from chatvec.merge.kernels import NumpyBackend, dare_keep
+from chatvec.merge.methods import METHODS
+from chatvec.merge.plan import TensorTask
 
 EPS = 1e-7  # mergekit's: no rescale where either norm is below it
 

@@ -12,14 +12,14 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from merge.compute import Scratch, compute_job
-from merge.fused import warm_up
-from merge.jobs import task_jobs
-from merge.kernels import make_backend
-from merge.plan import MergePlan
-from merge.safetensors_format import ITEMSIZE
-from merge.shard_writer import Readers
-from merge.ties_threshold import attach_thresholds
+from chatvec.merge.compute import Scratch, compute_job
+from chatvec.merge.fused import warm_up
+from chatvec.merge.jobs import task_jobs
+from chatvec.merge.kernels import make_backend
+from chatvec.merge.plan import MergePlan
+from chatvec.merge.safetensors_format import ITEMSIZE
+from chatvec.merge.shard_writer import Readers
+from chatvec.merge.ties_threshold import attach_thresholds
 
 
 def merged_tensors(plan: MergePlan, *, device: str = "cpu") -> Iterator[tuple[str, str, tuple[int, ...], np.ndarray]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from merge.jobs import Piece
-from merge.safetensors_format import ITEMSIZE
+from chatvec.merge.jobs import Piece
+from chatvec.merge.safetensors_format import ITEMSIZE
 
 
 def piece_bytes(buf: np.ndarray, at: int, dtype: str, a: int, b: int, p_out: int) -> np.ndarray:

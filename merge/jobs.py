@@ -10,10 +10,10 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from merge.kernels import dare_key
-from merge.methods import METHODS
-from merge.plan import Segment, Source, TensorTask, Term
-from merge.safetensors_format import ITEMSIZE
+from chatvec.merge.kernels import dare_key
+from chatvec.merge.methods import METHODS
+from chatvec.merge.plan import Segment, Source, TensorTask, Term
+from chatvec.merge.safetensors_format import ITEMSIZE
 
 JOB_ELEMS = 1 << 21
 _ALIGN = 64

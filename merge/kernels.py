@@ -20,7 +20,7 @@ import threading
 
 import numpy as np
 
-from merge.errors import ChatvecError
+from chatvec.core.errors import ChatvecError
 
 logger = logging.getLogger(__name__)
 

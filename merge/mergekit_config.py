@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from merge.recipe import MergekitMode, Recipe, VectorSpec
+from chatvec.merge.recipe import MergekitMode, Recipe, VectorSpec
 
 # mergekit's method -> chatvec's sparsification of each vector (merge/methods.py)
 _SPARSIFY = {"task_arithmetic": "add", "ties": "ties", "dare_ties": "dare_ties", "dare_linear": "dare"}
@@ -65,8 +65,8 @@ class MergekitConfig(_Strict):
 
 def recipe_from_mergekit(config: MergekitConfig) -> Recipe:
     """The chatvec recipe (in mergekit mode) that computes `config`."""
-    from merge.checkpoint import normalize_uri
-    from merge.errors import ConfigError
+    from chatvec.core.errors import ConfigError
+    from chatvec.core.file_identity import normalize_uri
 
     method = config.merge_method
     p = config.parameters
@@ -102,6 +102,6 @@ def recipe_from_mergekit(config: MergekitConfig) -> Recipe:
 
 def load_mergekit_config(path_or_uri: str) -> Recipe:
     """Read a mergekit YAML (local path or storage URI); ConfigError names every bad key."""
-    from merge.yamlconfig import load_model
+    from chatvec.core.yamlconfig import load_model
 
     return recipe_from_mergekit(load_model(str(path_or_uri), MergekitConfig))

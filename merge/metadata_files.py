@@ -13,9 +13,9 @@ import json
 import logging
 from typing import Any
 
-from merge.checkpoint import VECTOR_INFO
-from merge.methods import METHODS
-from merge.storage import Store
+from chatvec.core.storage import Store
+from chatvec.merge.checkpoint import VECTOR_INFO
+from chatvec.merge.methods import METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def _load(store: Store, rel: str) -> dict | None:
 
 
 def _tokens(store: Store) -> list[str | None]:
-    from merge.tokens import read_tokens
+    from chatvec.merge.tokens import read_tokens
 
     return read_tokens(lambda rel: _load(store, rel))
 

@@ -20,12 +20,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from merge.errors import OutputExistsError
-from merge.layout import MANIFEST
-from merge.metadata_files import side_files
-from merge.plan import FORMAT_VERSION, MergePlan
-from merge.shard_writer import RECORDS, ShardResult
-from merge.storage import Store
+from chatvec.core.errors import OutputExistsError
+from chatvec.core.layout import MANIFEST
+from chatvec.core.storage import Store
+from chatvec.merge.metadata_files import side_files
+from chatvec.merge.plan import FORMAT_VERSION, MergePlan
+from chatvec.merge.shard_writer import RECORDS, ShardResult
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class MergeSummary:
     bytes_by_worker: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
-        from merge.units import format_size
+        from chatvec.core.units import format_size
 
         if self.cached:
             return f"already merged: {self.out_uri} (same recipe and inputs; nothing to do)"

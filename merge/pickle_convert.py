@@ -13,8 +13,8 @@ import json
 import logging
 import os
 
-from merge.errors import InputError
-from merge.storage import Store
+from chatvec.core.errors import InputError
+from chatvec.core.storage import Store
 
 logger = logging.getLogger(__name__)
 

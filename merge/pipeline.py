@@ -2,7 +2,7 @@
 
     1. check:  the output already holds this plan (same fingerprint): a cache hit, nothing is
                written, not even the lock; something else: refused unless `overwrite`
-    2. lock:   .chatvec/lock.json (merge/lock.py), with the TTL merge.lock_ttl_s; the check is
+    2. lock:   .chatvec/lock.json (core/lock.py), with the TTL merge.lock_ttl_s; the check is
                made again under the lock, and `overwrite` removes the old commit only there
     3. resume: shards an interrupted run wrote and recorded, verified by size and sha256
     4. write:  the remaining shards, by a ShardExecutor (in this process, or on Ray actors)
@@ -22,11 +22,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from merge.lock import DEFAULT_TTL_S, OutputLock
-from merge.output import MergeSummary, check_output, commit
-from merge.plan import MergePlan
-from merge.shard_writer import ShardResult, ShardWriter, completed_shards
-from merge.storage import Store
+from chatvec.core.lock import DEFAULT_TTL_S, OutputLock
+from chatvec.core.storage import Store
+from chatvec.merge.output import MergeSummary, check_output, commit
+from chatvec.merge.plan import MergePlan
+from chatvec.merge.shard_writer import ShardResult, ShardWriter, completed_shards
 
 logger = logging.getLogger(__name__)
 

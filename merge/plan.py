@@ -14,11 +14,12 @@ import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from merge.checkpoint import Checkpoint, FileIdentity, open_checkpoint
-from merge.errors import InputError, PlanError
-from merge.recipe import MergekitMode, Recipe, VectorSpec
-from merge.safetensors_format import DTYPE_BY_NAME, FLOAT_DTYPES, ITEMSIZE, NAME_BY_DTYPE, build_header
-from merge.vocab import is_vocab_tensor, pair_base_chat, place_rows, tau_rows_from_vector
+from chatvec.core.errors import InputError, PlanError
+from chatvec.core.file_identity import FileIdentity
+from chatvec.merge.checkpoint import Checkpoint, open_checkpoint
+from chatvec.merge.recipe import MergekitMode, Recipe, VectorSpec
+from chatvec.merge.safetensors_format import DTYPE_BY_NAME, FLOAT_DTYPES, ITEMSIZE, NAME_BY_DTYPE, build_header
+from chatvec.merge.vocab import is_vocab_tensor, pair_base_chat, place_rows, tau_rows_from_vector
 
 logger = logging.getLogger(__name__)
 

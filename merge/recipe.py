@@ -24,8 +24,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from merge.errors import ConfigError
-from merge.methods import METHOD_NAMES, METHODS
+from chatvec.core.errors import ConfigError
+from chatvec.merge.methods import METHOD_NAMES, METHODS
 
 # the names come from the method table (merge/methods.py)
 Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
@@ -123,14 +123,14 @@ class Recipe(BaseModel):
 
 
 def _canonical_uri(uri: str) -> str:
-    from merge.checkpoint import normalize_uri
+    from chatvec.core.file_identity import normalize_uri
 
     return normalize_uri(uri)
 
 
 def load_recipe(path_or_uri: str) -> Recipe:
     """Read a recipe YAML (local path or storage URI); ConfigError names every bad key."""
-    from merge.yamlconfig import load_model
+    from chatvec.core.yamlconfig import load_model
 
     recipe = load_model(str(path_or_uri), Recipe)
     return recipe

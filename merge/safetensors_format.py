@@ -15,7 +15,7 @@ import math
 import struct
 from dataclasses import dataclass
 
-from merge.errors import InputError
+from chatvec.core.errors import InputError
 
 # safetensors' own bound: larger headers are refused so a corrupt length cannot exhaust memory.
 MAX_HEADER_BYTES = 100_000_000

@@ -21,15 +21,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from merge.compute import Scratch, compute_job
-from merge.errors import ChatvecError, InputError
-from merge.fused import warm_up
-from merge.jobs import Job, task_jobs
-from merge.kernels import make_backend
-from merge.methods import METHODS, drops
-from merge.plan import MergePlan
-from merge.storage import RangeReader, Store
-from merge.ties_threshold import attach_thresholds
+from chatvec.core.errors import ChatvecError, InputError
+from chatvec.core.storage import RangeReader, Store
+from chatvec.merge.compute import Scratch, compute_job
+from chatvec.merge.fused import warm_up
+from chatvec.merge.jobs import Job, task_jobs
+from chatvec.merge.kernels import make_backend
+from chatvec.merge.methods import METHODS, drops
+from chatvec.merge.plan import MergePlan
+from chatvec.merge.ties_threshold import attach_thresholds
 
 logger = logging.getLogger(__name__)
 

@@ -33,14 +33,14 @@ from dataclasses import replace
 
 import numpy as np
 
-from merge.fused import collect_kernel, histogram_kernel
-from merge.gta import mergekit_tau_into
-from merge.gta_stats import rescale_factors
-from merge.job_buffer import tau_into
-from merge.jobs import Job, task_jobs
-from merge.kernels import NumpyBackend, ties_threshold_k
-from merge.methods import METHODS
-from merge.plan import TensorTask
+from chatvec.merge.fused import collect_kernel, histogram_kernel
+from chatvec.merge.gta import mergekit_tau_into
+from chatvec.merge.gta_stats import rescale_factors
+from chatvec.merge.job_buffer import tau_into
+from chatvec.merge.jobs import Job, task_jobs
+from chatvec.merge.kernels import NumpyBackend, ties_threshold_k
+from chatvec.merge.methods import METHODS
+from chatvec.merge.plan import TensorTask
 
 _BINS = 1 << 16
 # tensors this large wait for the fused kernels to load (about 0.4 s) rather than count with numpy

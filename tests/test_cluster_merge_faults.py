@@ -16,23 +16,23 @@ import pytest
 from conftest import ROOT
 from test_cluster_merge import RATIO, make_config, make_plan, output_files
 
-from cluster.merge_driver import DistributedMerge
-from merge.output import INDEX, MANIFEST
-from merge.shard_writer import RECORDS
-from merge.storage import Store
+from chatvec.cluster.merge_driver import DistributedMerge
+from chatvec.core.storage import Store
+from chatvec.merge.output import INDEX, MANIFEST
+from chatvec.merge.shard_writer import RECORDS
 
 
 @pytest.fixture(scope="module")
 def big_triple(tmp_path_factory):
     """Big enough (about 20 MB of output) that a merge takes long enough to be interrupted."""
-    from demo.tiny import build_triple
+    from chatvec.demo.tiny import build_triple
 
     return build_triple(tmp_path_factory.mktemp("big"), "llama", seed=5, hidden=512, layers=4, shard_size="4MB")
 
 
 def reference(triple, tmp: Path, shard_size: str) -> dict[str, bytes]:
     """An undisturbed merge of the same plan, in-process (--workers 0)."""
-    from merge.pipeline import merge_local
+    from chatvec.merge.pipeline import merge_local
 
     out = str(tmp / f"reference-{shard_size}")
     merge_local(make_plan(triple, shard_size=shard_size), out, device="cpu", progress=False)

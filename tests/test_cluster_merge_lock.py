@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from merge.lock import LOCK_FILE, LockInfo, OutputLock, OutputLockedError
-from merge.storage import Store
+from chatvec.core.lock import LOCK_FILE, LockInfo, OutputLock, OutputLockedError
+from chatvec.core.storage import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_lock_of_a_killed_process_on_this_host_is_taken_at_once(tmp_path):
     out = str(tmp_path / "out")
     code = (
         "import sys, time\n"
-        "from merge.lock import OutputLock\n"
+        "from chatvec.core.lock import OutputLock\n"
         f"OutputLock({out!r}).acquire()\n"
         "print('locked', flush=True)\n"
         "time.sleep(600)\n"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cluster.config import ChatvecConfig, load_config
-from merge.errors import ConfigError
+from chatvec.core.config import ChatvecConfig, load_config
+from chatvec.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def test_not_yaml(tmp_path):
 
 
 def test_cli_reports_bad_config_without_traceback(tmp_path):
-    from cluster.cli import cli
+    from chatvec.cli.main import cli
 
     bad = tmp_path / "c.yaml"
     bad.write_text("merge:\n  workers: many\n")

@@ -16,14 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def chatvec(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "chatvec.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     pytest.importorskip("torch")
-    from demo.tiny import build_model_dir
+    from chatvec.demo.tiny import build_model_dir
 
     return str(build_model_dir(tmp_path_factory.mktemp("cli") / "m", seed=7, shard_size=None))
 

@@ -8,12 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from eval.benchmarks import BenchmarkSpec, parse_benchmark, resolve_benchmarks, shipped_benchmarks
-from eval.errors import BenchmarkDataError
-from eval.items import load_items
-from eval.kinds import get_kind, kind_names
-from eval.runner import plan_cells
-from merge.errors import ConfigError, InputError
+from chatvec.core.errors import ConfigError, InputError
+from chatvec.eval.benchmarks import BenchmarkSpec, parse_benchmark, resolve_benchmarks, shipped_benchmarks
+from chatvec.eval.errors import BenchmarkDataError
+from chatvec.eval.items import load_items
+from chatvec.eval.kinds import get_kind, kind_names
+from chatvec.eval.runner import plan_cells
 
 LANGS = {"en", "zh-Hant", "zh-Hans", "ko", "ja"}
 
@@ -155,7 +155,7 @@ def test_missing_file_and_unknown_format(tmp_path):
 
 
 def test_data_on_s3(s3_bucket):
-    from merge.storage import Store
+    from chatvec.core.storage import Store
 
     uri = f"{s3_bucket}/bench/q.jsonl"
     Store(s3_bucket).write_text("bench/q.jsonl", json.dumps({"question": "Why?"}) + "\n")

@@ -11,14 +11,14 @@ import pytest
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
-from demo.tiny import build_model_dir  # noqa: E402
-from eval.benchmarks import BenchmarkSpec, shipped_benchmarks  # noqa: E402
-from eval.engines import Decoding, GenerationRequest, LoglikelihoodRequest, load_engine  # noqa: E402
-from eval.items import load_items  # noqa: E402
-from eval.prompts import PLAIN_ASSISTANT, Prompts  # noqa: E402
-from eval.results import Cell  # noqa: E402
-from eval.runner import ModelEvaluator, RunSettings  # noqa: E402
-from merge.errors import InputError  # noqa: E402
+from chatvec.core.errors import InputError  # noqa: E402
+from chatvec.demo.tiny import build_model_dir  # noqa: E402
+from chatvec.eval.benchmarks import BenchmarkSpec, shipped_benchmarks  # noqa: E402
+from chatvec.eval.engines import Decoding, GenerationRequest, LoglikelihoodRequest, load_engine  # noqa: E402
+from chatvec.eval.items import load_items  # noqa: E402
+from chatvec.eval.prompts import PLAIN_ASSISTANT, Prompts  # noqa: E402
+from chatvec.eval.results import Cell  # noqa: E402
+from chatvec.eval.runner import ModelEvaluator, RunSettings  # noqa: E402
 
 QUESTIONS = [
     "hello",
@@ -174,7 +174,7 @@ def test_perplexity_against_transformers(model_dir, reference, tmp_path):
 def test_long_text_is_scored_in_windows(engine, reference):
     model, tok = reference
     prompts = Prompts(engine.tokenizer)
-    from eval.kinds.perplexity import windows
+    from chatvec.eval.kinds.perplexity import windows
 
     ids = prompts.start_ids() + prompts.encode("The quick brown fox jumps over the lazy dog. " * 3)
     short = windows(ids, 1, 16)  # as if the model took 16 tokens at most

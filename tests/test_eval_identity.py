@@ -13,14 +13,14 @@ import pytest
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
-from demo.tiny import build_model_dir  # noqa: E402
-from eval.errors import NewerSchemaError  # noqa: E402
-from eval.identity import CellIdentity, engine_identity, model_identity  # noqa: E402
-from eval.results import Cell, read_cell_identity, read_table  # noqa: E402
-from eval.runner import DONE, SKIPPED, RunSettings, run_in_process  # noqa: E402
-from eval.schema import JUDGED, SAMPLES_SCHEMA, VERSION_KEY  # noqa: E402
-from merge.layout import MANIFEST  # noqa: E402
-from merge.storage import Store  # noqa: E402
+from chatvec.core.layout import MANIFEST  # noqa: E402
+from chatvec.core.storage import Store  # noqa: E402
+from chatvec.demo.tiny import build_model_dir  # noqa: E402
+from chatvec.eval.errors import NewerSchemaError  # noqa: E402
+from chatvec.eval.identity import CellIdentity, engine_identity, model_identity  # noqa: E402
+from chatvec.eval.results import Cell, read_cell_identity, read_table  # noqa: E402
+from chatvec.eval.runner import DONE, SKIPPED, RunSettings, run_in_process  # noqa: E402
+from chatvec.eval.schema import JUDGED, SAMPLES_SCHEMA, VERSION_KEY  # noqa: E402
 
 SETTINGS = RunSettings(device="cpu", batch_size=4, max_new_tokens=4)
 JUDGE_STATES = {JUDGED, "unparseable", "out_of_range", "ambiguous"}
@@ -183,11 +183,11 @@ def test_the_vllm_version_comes_from_the_module():
 def test_an_engine_loaded_elsewhere_runs_cells_under_the_given_identity(models, tmp_path):
     """The in-engine sweep's path: the evaluator borrows a loaded engine (weights swapped in place)
     and records the merge's identity; closing the evaluator leaves the engine to its owner."""
-    from eval.engines import load_engine
-    from eval.engines.base import Decoding, GenerationRequest
-    from eval.identity import merged_model_identity
-    from eval.pipeline import prepare_run
-    from eval.runner import ModelEvaluator
+    from chatvec.eval.engines import load_engine
+    from chatvec.eval.engines.base import Decoding, GenerationRequest
+    from chatvec.eval.identity import merged_model_identity
+    from chatvec.eval.pipeline import prepare_run
+    from chatvec.eval.runner import ModelEvaluator
 
     engine = load_engine("hf", models["alpha"], device="cpu", batch_size=4)
     out = str(tmp_path / "out")
@@ -213,7 +213,7 @@ def test_an_engine_loaded_elsewhere_runs_cells_under_the_given_identity(models, 
         # still the owner's engine, still loaded
         assert engine.generate([GenerationRequest([1, 2, 3], Decoding(max_new_tokens=2))])[0].completion_tokens >= 1
         # the pipeline reuses the cell while the merge's identity is the same, and redoes it when not
-        from eval.pipeline import run_pipeline
+        from chatvec.eval.pipeline import run_pipeline
 
         same = run_pipeline(
             {"point": models["alpha"]},

@@ -10,14 +10,14 @@ import pytest
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
-from demo.tiny import build_model_dir  # noqa: E402
-from eval.judging import JudgeBackend, JudgeReply, LocalJudge, make_judge  # noqa: E402
-from eval.pipeline import RunContext  # noqa: E402
-from eval.results import Cell, read_samples, summarize  # noqa: E402
-from eval.runner import DONE, JudgeRunner, RunSettings, run_in_process  # noqa: E402
-from eval.schema import JUDGE_ERROR, JUDGED  # noqa: E402
-from merge.errors import InputError  # noqa: E402
-from merge.storage import Store  # noqa: E402
+from chatvec.core.errors import InputError  # noqa: E402
+from chatvec.core.storage import Store  # noqa: E402
+from chatvec.demo.tiny import build_model_dir  # noqa: E402
+from chatvec.eval.judging import JudgeBackend, JudgeReply, LocalJudge, make_judge  # noqa: E402
+from chatvec.eval.pipeline import RunContext  # noqa: E402
+from chatvec.eval.results import Cell, read_samples, summarize  # noqa: E402
+from chatvec.eval.runner import DONE, JudgeRunner, RunSettings, run_in_process  # noqa: E402
+from chatvec.eval.schema import JUDGE_ERROR, JUDGED  # noqa: E402
 
 SETTINGS = RunSettings(device="cpu", batch_size=4, max_new_tokens=4, judge_max_new_tokens=5)
 

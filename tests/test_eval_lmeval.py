@@ -10,9 +10,9 @@ pytest.importorskip("lm_eval")
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
-from demo.tiny import build_model_dir  # noqa: E402
-from eval.benchmarks import BenchmarkSpec  # noqa: E402
-from eval.runner import RunSettings, run_in_process  # noqa: E402
+from chatvec.demo.tiny import build_model_dir  # noqa: E402
+from chatvec.eval.benchmarks import BenchmarkSpec  # noqa: E402
+from chatvec.eval.runner import RunSettings, run_in_process  # noqa: E402
 
 TASKS = """
 task: chatvec_tiny_choice

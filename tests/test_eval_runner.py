@@ -11,12 +11,12 @@ import pytest
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
-from demo.tiny import build_model_dir  # noqa: E402
-from eval.results import RUN_FILE, SUMMARY_FILE, read_table  # noqa: E402
-from eval.runner import DONE, FAILED, SKIPPED, RunSettings, run_in_process  # noqa: E402
-from eval.schema import JUDGED, NO_JUDGE, NOT_JUDGED, SAMPLES_SCHEMA, SUMMARY_SCHEMA  # noqa: E402
-from merge.errors import InputError  # noqa: E402
-from merge.storage import Store  # noqa: E402
+from chatvec.core.errors import InputError  # noqa: E402
+from chatvec.core.storage import Store  # noqa: E402
+from chatvec.demo.tiny import build_model_dir  # noqa: E402
+from chatvec.eval.results import RUN_FILE, SUMMARY_FILE, read_table  # noqa: E402
+from chatvec.eval.runner import DONE, FAILED, SKIPPED, RunSettings, run_in_process  # noqa: E402
+from chatvec.eval.schema import JUDGED, NO_JUDGE, NOT_JUDGED, SAMPLES_SCHEMA, SUMMARY_SCHEMA  # noqa: E402
 
 SETTINGS = RunSettings(device="cpu", batch_size=4, max_new_tokens=6)
 JUDGE_STATES = {JUDGED, "unparseable", "out_of_range", "ambiguous"}
@@ -238,7 +238,7 @@ def test_model_and_results_on_s3(models, s3_server, s3_bucket, tmp_path):
 
 
 def test_a_benchmark_file_that_breaks_mid_run_fails_only_its_cell(models, tmp_path):
-    from eval.runner import ModelEvaluator, prepare_run
+    from chatvec.eval.runner import ModelEvaluator, prepare_run
 
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
     for path in (good, bad):

@@ -6,13 +6,13 @@ import math
 
 import pytest
 
-from eval.fidelity import FidelityScorer, ScriptDetector, register_detector, unregister_detector
-from eval.judge import parse_rating, parse_verdict
-from eval.judge_prompts import TEXTS, multiturn_prompt, rating_prompt, safety_prompt
-from eval.kinds.base import mean_stderr
-from eval.kinds.perplexity import PerplexityKind, windows
-from eval.kinds.safety import is_refusal, refusal_phrases
-from eval.schema import JUDGED, OUT_OF_RANGE, UNPARSEABLE
+from chatvec.eval.fidelity import FidelityScorer, ScriptDetector, register_detector, unregister_detector
+from chatvec.eval.judge import parse_rating, parse_verdict
+from chatvec.eval.judge_prompts import TEXTS, multiturn_prompt, rating_prompt, safety_prompt
+from chatvec.eval.kinds.base import mean_stderr
+from chatvec.eval.kinds.perplexity import PerplexityKind, windows
+from chatvec.eval.kinds.safety import is_refusal, refusal_phrases
+from chatvec.eval.schema import JUDGED, OUT_OF_RANGE, UNPARSEABLE
 
 
 # -- judge ratings ----------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def test_perplexity_windows_cover_every_token_once():
     ],
 )
 def test_prompt_and_answer_fit_the_window(prompt, new, window, expected):
-    from eval.engines.base import fit_window
+    from chatvec.eval.engines.base import fit_window
 
     keep, max_new = fit_window(prompt, new, window)
     assert (keep, max_new) == expected and keep + max_new <= window

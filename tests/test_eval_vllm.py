@@ -22,10 +22,10 @@ torch = pytest.importorskip("torch")
 
 from vllm.platforms import current_platform  # noqa: E402
 
-from demo.tiny import build_model_dir  # noqa: E402
-from eval.engines import Decoding, GenerationRequest, LoglikelihoodRequest, engine_version, load_engine  # noqa: E402
-from eval.prompts import Prompts  # noqa: E402
-from merge.errors import InputError  # noqa: E402
+from chatvec.core.errors import InputError  # noqa: E402
+from chatvec.demo.tiny import build_model_dir  # noqa: E402
+from chatvec.eval.engines import Decoding, GenerationRequest, LoglikelihoodRequest, engine_version, load_engine  # noqa: E402
+from chatvec.eval.prompts import Prompts  # noqa: E402
 
 CPU_BUILD = current_platform.is_cpu()
 DEVICE = "cpu" if CPU_BUILD else "cuda"  # the build decides; the hf engine runs on the same device
@@ -193,8 +193,8 @@ def test_unsupported_head_size_is_one_line_before_the_engine(tmp_path, engines):
 def test_auto_is_cpu_and_float32_and_cuda_is_refused(engines):
     vl = engines.get_vllm(str(TOY / "cp"))  # loaded with device and dtype "auto"
     assert vl.device == "cpu" and vl.torch_dtype == torch.float32
-    from eval.engines.hf import resolve_dtype
-    from eval.engines.vllm import resolve_vllm_device
+    from chatvec.eval.engines.hf import resolve_dtype
+    from chatvec.eval.engines.vllm import resolve_vllm_device
 
     assert resolve_vllm_device("auto") == "cpu"
     assert resolve_dtype("auto", resolve_vllm_device("auto"), None) == torch.float32
@@ -228,8 +228,8 @@ def test_missing_vllm_keeps_its_message(tmp_path):
     # a real interpreter in which `import vllm` fails, as where it is not installed
     code = (
         "import sys; sys.modules['vllm'] = None\n"
-        "from eval.engines import load_engine\n"
-        "from merge.errors import InputError\n"
+        "from chatvec.eval.engines import load_engine\n"
+        "from chatvec.core.errors import InputError\n"
         f"try:\n    load_engine('vllm', {str(TOY / 'cp')!r})\n"
         "except InputError as exc:\n    print('ERR', exc)\n"
     )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import load_config
-from eval.engines.vllm import VLLMOptions
-from merge.errors import ConfigError
+from chatvec.core.config import load_config
+from chatvec.core.errors import ConfigError
+from chatvec.eval.engines.vllm import VLLMOptions
 
 
 def test_settings_reach_the_engine_options(tmp_path):

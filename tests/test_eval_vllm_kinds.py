@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: `make test` installs its CPU build")
 
-from demo.tiny import build_model_dir  # noqa: E402
+from chatvec.demo.tiny import build_model_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "demo" / "toyworld" / "checkpoints"
@@ -44,7 +44,7 @@ def run_eval(engine: str, models: dict[str, str], out: Path, config: Path) -> su
     cmd = [
         sys.executable,
         "-m",
-        "cluster.cli",
+        "chatvec.cli",
         "eval",
         "--engine",
         engine,

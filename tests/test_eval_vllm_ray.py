@@ -9,10 +9,10 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed: `make test` installs its CPU build")
 
-from cluster.config import ChatvecConfig, EvalSettings, VLLMSettings  # noqa: E402
-from cluster.eval_driver import run_eval  # noqa: E402
-from eval.results import read_table  # noqa: E402
-from merge.storage import Store  # noqa: E402
+from chatvec.cluster.eval_driver import run_eval  # noqa: E402
+from chatvec.core.config import ChatvecConfig, EvalSettings, VLLMSettings  # noqa: E402
+from chatvec.core.storage import Store  # noqa: E402
+from chatvec.eval.results import read_table  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -56,8 +56,8 @@ def test_two_vllm_actors_load_each_model_once(ray_cluster, tmp_path):
 
 def test_in_engine_sweep_on_a_vllm_actor(ray_cluster, tmp_path):
     """One target: one actor loads the CP model once and takes every point in turn."""
-    from cluster.sweep import load_sweep
-    from cluster.sweep_run import run_sweep
+    from chatvec.runs.sweep import load_sweep
+    from chatvec.runs.sweep_run import run_sweep
 
     text = (
         f"name: ie\nvectors:\n  toy: {{base: {TOY}/base, chat: {TOY}/chat}}\n"

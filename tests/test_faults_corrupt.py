@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT
 
-from merge.storage import Store
+from chatvec.core.storage import Store
 
 pytest.importorskip("torch")
 
@@ -61,7 +61,7 @@ def flip(path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def triple(tmp_path_factory):
-    from demo.tiny import build_triple
+    from chatvec.demo.tiny import build_triple
 
     return build_triple(tmp_path_factory.mktemp("corrupt"), "llama", seed=6, shard_size="40KB")
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT
 
-from merge.storage import Store
+from chatvec.core.storage import Store
 
 pytest.importorskip("torch")
 
@@ -77,7 +77,7 @@ def tree(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def triple(tmp_path_factory):
-    from demo.tiny import build_triple
+    from chatvec.demo.tiny import build_triple
 
     return build_triple(tmp_path_factory.mktemp("disk-triple"), "llama", seed=4, shard_size="40KB")
 

@@ -34,7 +34,7 @@ def chatvec(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory) -> Path:
-    from demo.tiny import build_model_dir
+    from chatvec.demo.tiny import build_model_dir
 
     return build_model_dir(tmp_path_factory.mktemp("inputs") / "good", seed=9, shard_size=None)
 

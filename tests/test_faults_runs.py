@@ -18,7 +18,7 @@ from conftest import ROOT
 from faultproxy import FaultProxy, Faults
 from judge_servers import ScriptedServer, reply
 
-from merge.storage import Store
+from chatvec.core.storage import Store
 
 pytest.importorskip("torch")
 
@@ -59,7 +59,7 @@ def assert_no_secret(where: str, data: bytes | str) -> None:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    from demo.tiny import CHAT_TEMPLATE_CHAT, build_model_dir
+    from chatvec.demo.tiny import CHAT_TEMPLATE_CHAT, build_model_dir
 
     root = tmp_path_factory.mktemp("runs")
     build_model_dir(root / "base", "llama", seed=0, shard_size="50KB")
@@ -93,7 +93,7 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
 
 
 def test_one_run_per_night_no_duplicates_and_no_secret_anywhere(s3_server, models, tmp_path):
-    from cluster.run_lock import RunLock
+    from chatvec.runs.run_lock import RunLock
 
     root = f"{s3_server.make_bucket()}/chatvec"
     sweep = tmp_path / "sweep.yaml"

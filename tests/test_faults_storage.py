@@ -20,8 +20,8 @@ import pytest
 from conftest import ROOT
 from faultproxy import FaultProxy, Faults
 
-from merge import storage_clients
-from merge.storage import Store
+from chatvec.core import storage_clients
+from chatvec.core.storage import Store
 
 pytest.importorskip("torch")
 
@@ -62,7 +62,7 @@ def chatvec(args: list[str], cwd: Path, endpoint: str, **extra: str) -> subproce
 
 @pytest.fixture(scope="module")
 def triple(tmp_path_factory):
-    from demo.tiny import build_triple
+    from chatvec.demo.tiny import build_triple
 
     return build_triple(tmp_path_factory.mktemp("faults-s3"), "llama", seed=3, shard_size="40KB")
 

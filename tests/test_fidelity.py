@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from eval.fidelity import HANS, HANT, MIXED, UNDETERMINED, FidelityScorer, ScriptDetector, chinese_script, prose
+from chatvec.eval.fidelity import HANS, HANT, MIXED, UNDETERMINED, FidelityScorer, ScriptDetector, chinese_script, prose
 
 CODE = """
 ```python
@@ -77,7 +77,7 @@ def test_an_answer_in_another_language_fails_even_with_the_same_code(scorer, lan
 
 def test_the_code_would_have_decided_without_stripping(scorer):
     # the regression this guards: the Korean answer read whole is English to the detector
-    from eval.fidelity import _detector
+    from chatvec.eval.fidelity import _detector
 
     whole = _detector(scorer._lingua_set).detect_language_of(ANSWERS["ko"])
     assert whole.iso_code_639_1.name.lower() == "en"

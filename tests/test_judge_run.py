@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.judge_servers import ScriptedServer, reply
+from judge_servers import ScriptedServer, reply
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = ROOT / "demo" / "toyworld" / "checkpoints" / "chat"
@@ -40,7 +40,7 @@ def run(tmp_path_factory):
             [
                 sys.executable,
                 "-m",
-                "cluster.cli",
+                "chatvec.cli",
                 "eval",
                 "--model",
                 f"chat={CHAT}",
@@ -128,10 +128,10 @@ def test_the_key_is_nowhere_in_what_the_run_wrote(run):
 
 
 def test_the_report_shows_the_judging_and_the_raw_judgments(run, tmp_path):
-    from eval.browser import page_rel
-    from eval.report import ModelInfo, write_report
-    from eval.results import read_table
-    from merge.storage import Store
+    from chatvec.core.storage import Store
+    from chatvec.eval.browser import page_rel
+    from chatvec.eval.report import ModelInfo, write_report
+    from chatvec.eval.results import read_table
 
     summary = read_table(Store(str(run["out"])), "summary.parquet")
     uri = write_report(
@@ -169,7 +169,7 @@ def test_a_failed_judgment_is_counted_unscored_and_judged_again_on_rerun(tmp_pat
             [
                 sys.executable,
                 "-m",
-                "cluster.cli",
+                "chatvec.cli",
                 "eval",
                 "--model",
                 f"chat={CHAT}",

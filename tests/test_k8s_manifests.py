@@ -16,7 +16,7 @@ import click
 import pytest
 import yaml
 
-from cluster.cli import cli
+from chatvec.cli.main import cli
 
 try:
     import tomllib
@@ -186,8 +186,8 @@ def test_a_command_line_the_cli_refuses_is_caught(line, error):
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
 def test_every_path_the_entrypoint_names_is_put_into_the_image_from_the_tree(path):
-    from cluster.config import load_config
-    from cluster.sweep import load_sweep
+    from chatvec.core.config import load_config
+    from chatvec.runs.sweep import load_sweep
 
     _name, params = check_entrypoint(job_spec(load(path))["entrypoint"])
     sources = {}

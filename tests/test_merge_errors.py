@@ -14,7 +14,7 @@ from merge_ref import assert_close_to_reference, load_tensors, reference_merge
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from demo.tiny import build_model_dir, build_triple
+    from chatvec.demo.tiny import build_model_dir, build_triple
 
     root = tmp_path_factory.mktemp("err")
     return {
@@ -26,7 +26,7 @@ def models(tmp_path_factory):
 
 
 def run(args: list[str], capsys) -> tuple[int, str]:
-    from cluster.cli import main
+    from chatvec.cli.main import main
 
     try:
         main(args)
@@ -189,10 +189,10 @@ def test_bad_recipe_names_the_key(models, tmp_path, capsys):
 
 def test_input_truncated_after_planning_leaves_no_file(models, tmp_path):
     """A file that changes under a running merge: the shard in progress is not published."""
-    from merge.errors import InputError
-    from merge.pipeline import merge_local
-    from merge.plan import build_plan
-    from merge.recipe import Recipe, VectorSpec
+    from chatvec.core.errors import InputError
+    from chatvec.merge.pipeline import merge_local
+    from chatvec.merge.plan import build_plan
+    from chatvec.merge.recipe import Recipe, VectorSpec
 
     t = models["t"]
     chat = _copy(t.chat, tmp_path / "chat")

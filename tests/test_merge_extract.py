@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 
 def _cli(args: list[str]) -> tuple[int, str]:
-    from cluster.cli import main
+    from chatvec.cli.main import main
 
     try:
         main(args)
@@ -23,7 +23,7 @@ def _cli(args: list[str]) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def triple(tmp_path_factory):
-    from demo.tiny import build_triple
+    from chatvec.demo.tiny import build_triple
 
     return build_triple(tmp_path_factory.mktemp("x") / "t", "llama", cp_extra_tokens=2, chat_extra_tokens=2, seed=31)
 

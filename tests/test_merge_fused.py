@@ -38,9 +38,9 @@ def models(tmp_path_factory):
 
 
 def _jobs(models, vectors, **recipe):
-    from merge.jobs import task_jobs
-    from merge.plan import build_plan
-    from merge.recipe import Recipe, VectorSpec
+    from chatvec.merge.jobs import task_jobs
+    from chatvec.merge.plan import build_plan
+    from chatvec.merge.recipe import Recipe, VectorSpec
 
     specs = [VectorSpec(base=str(models["base"]), chat=str(models[c]), **kw) for c, kw in vectors]
     plan = build_plan(Recipe(cp=str(models["cp"]), vectors=specs, **recipe))
@@ -60,7 +60,7 @@ def _jobs(models, vectors, **recipe):
 )
 def test_fused_kernel_gives_the_numpy_bytes(models, vectors):
     pytest.importorskip("numba")
-    from merge.shard_writer import Readers
+    from chatvec.merge.shard_writer import Readers
 
     plan, jobs = _jobs(models, vectors)
     readers = Readers(plan)
@@ -70,9 +70,9 @@ def test_fused_kernel_gives_the_numpy_bytes(models, vectors):
 
 def _fused_jobs_match_numpy(jobs, readers) -> int:
     """How many of the jobs a fused kernel computed; each one's bytes equal the numpy path's."""
-    from merge.compute import Scratch, compute_job
-    from merge.fused import try_fused
-    from merge.kernels import NumpyBackend
+    from chatvec.merge.compute import Scratch, compute_job
+    from chatvec.merge.fused import try_fused
+    from chatvec.merge.kernels import NumpyBackend
 
     backend = NumpyBackend()
     numpy_only = Scratch(backend, backend.step)
@@ -112,9 +112,9 @@ def _fused_jobs_match_numpy(jobs, readers) -> int:
 def test_ties_kernels_give_the_numpy_thresholds_and_bytes(models, monkeypatch, vectors):
     """Both TIES counting passes and the TIES merge, against numpy, on every bf16 pattern."""
     pytest.importorskip("numba")
-    import merge.ties_threshold as ties_threshold
-    from merge.fused import kernel
-    from merge.shard_writer import Readers
+    import chatvec.merge.ties_threshold as ties_threshold
+    from chatvec.merge.fused import kernel
+    from chatvec.merge.shard_writer import Readers
 
     assert kernel(wait=True) is not None
     plan, jobs = _jobs(models, vectors)
@@ -136,7 +136,7 @@ def test_ties_kernels_give_the_numpy_thresholds_and_bytes(models, monkeypatch, v
 
 def test_jobs_it_does_not_cover_take_the_numpy_path(models):
     pytest.importorskip("numba")
-    from merge.fused import try_fused
+    from chatvec.merge.fused import try_fused
 
     _, jobs = _jobs(models, [("chat1", dict(ratio=0.5, method="ties", density=0.5)), ("chat2", dict(ratio=0.5))])
     _, wide = _jobs(models, [("chat1", dict(ratio=0.5, method="dare", density=0.5))], dtype="float32")

@@ -1,4 +1,4 @@
-"""merge.in_memory.merged_tensors gives exactly the bytes `chatvec merge` writes, tensor by tensor."""
+"""chatvec.merge.in_memory.merged_tensors gives exactly the bytes `chatvec merge` writes, tensor by tensor."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def triples(tmp_path_factory):
-    from demo.tiny import build_triple
+    from chatvec.demo.tiny import build_triple
 
     root = tmp_path_factory.mktemp("in_memory")
     return {
@@ -46,10 +46,10 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_in_memory_bytes_equal_the_written_shards(triples, tmp_path, case):
-    from merge.in_memory import merged_tensors
-    from merge.pipeline import merge_local
-    from merge.plan import build_plan
-    from merge.recipe import Recipe, VectorSpec
+    from chatvec.merge.in_memory import merged_tensors
+    from chatvec.merge.pipeline import merge_local
+    from chatvec.merge.plan import build_plan
+    from chatvec.merge.recipe import Recipe, VectorSpec
 
     which, spec, extra = CASES[case]
     t = triples[which]

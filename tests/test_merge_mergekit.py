@@ -42,9 +42,9 @@ def _run(
     dtype: str | None = "float32",
     device: str = "cpu",
 ):
-    from merge.mergekit_config import load_mergekit_config
-    from merge.pipeline import merge_local
-    from merge.plan import build_plan
+    from chatvec.merge.mergekit_config import load_mergekit_config
+    from chatvec.merge.pipeline import merge_local
+    from chatvec.merge.plan import build_plan
 
     config = {
         "merge_method": method,
@@ -127,8 +127,8 @@ def test_the_manifest_names_the_mode_and_base_model_entries_are_skipped(models):
 
 
 def test_bad_configs_say_what_to_fix(models, tmp_path):
-    from merge.errors import ConfigError
-    from merge.mergekit_config import load_mergekit_config
+    from chatvec.core.errors import ConfigError
+    from chatvec.merge.mergekit_config import load_mergekit_config
 
     bad = tmp_path / "bad.yml"
     bad.write_text(
@@ -152,7 +152,7 @@ def test_bad_configs_say_what_to_fix(models, tmp_path):
 def test_cli_runs_a_mergekit_config(models):
     from click.testing import CliRunner
 
-    from cluster.cli import cli
+    from chatvec.cli.main import cli
 
     path = models["root"] / "cli.yml"
     path.write_text(
@@ -435,7 +435,7 @@ def test_the_rounding_is_torchs(dtype):
     every magnitude, halfway cases, the largest finite values (which round to infinity), NaN."""
     import numpy as np
 
-    from merge.gta import round_to
+    from chatvec.merge.gta import round_to
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1 << 16, generator=g) * torch.exp(torch.randn(1 << 16, generator=g) * 20)

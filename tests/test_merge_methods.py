@@ -42,9 +42,9 @@ def hand(tmp_path):
 
 
 def _merge(hand, specs, name="out"):
-    from merge.pipeline import merge_local
-    from merge.plan import build_plan
-    from merge.recipe import Recipe, VectorSpec
+    from chatvec.merge.pipeline import merge_local
+    from chatvec.merge.plan import build_plan
+    from chatvec.merge.recipe import Recipe, VectorSpec
 
     vectors = [VectorSpec(base=str(hand["base"]), chat=str(hand[c]), **kw) for c, kw in specs]
     plan = build_plan(Recipe(cp=str(hand["cp"]), vectors=vectors))
@@ -107,12 +107,12 @@ def test_dare_depends_on_seed_only(hand):
 
 def test_results_do_not_depend_on_chunking(tmp_path, monkeypatch):
     """Tiny jobs, tiny compute steps and several compute threads give the same bytes."""
-    import merge.jobs
-    import merge.kernels
-    from demo.tiny import build_triple
-    from merge.pipeline import merge_local
-    from merge.plan import build_plan
-    from merge.recipe import Recipe, VectorSpec
+    import chatvec.merge.jobs
+    import chatvec.merge.kernels
+    from chatvec.demo.tiny import build_triple
+    from chatvec.merge.pipeline import merge_local
+    from chatvec.merge.plan import build_plan
+    from chatvec.merge.recipe import Recipe, VectorSpec
 
     t = build_triple(tmp_path / "in", "llama", cp_extra_tokens=2, chat_extra_tokens=1, seed=21)
     recipe = Recipe(
@@ -125,11 +125,11 @@ def test_results_do_not_depend_on_chunking(tmp_path, monkeypatch):
         ],
     )
     merge_local(build_plan(recipe), str(tmp_path / "big"), progress=False)
-    import merge.shard_writer
+    import chatvec.merge.shard_writer
 
-    monkeypatch.setattr(merge.jobs, "JOB_ELEMS", 77)
-    monkeypatch.setattr(merge.kernels.NumpyBackend.__init__, "__defaults__", (13,))
-    monkeypatch.setattr(merge.shard_writer, "compute_threads", lambda device: 3)  # jobs finish out of order
+    monkeypatch.setattr(chatvec.merge.jobs, "JOB_ELEMS", 77)
+    monkeypatch.setattr(chatvec.merge.kernels.NumpyBackend.__init__, "__defaults__", (13,))
+    monkeypatch.setattr(chatvec.merge.shard_writer, "compute_threads", lambda device: 3)  # jobs finish out of order
     merge_local(build_plan(recipe), str(tmp_path / "small"), progress=False)
     shards = sorted(p.name for p in (tmp_path / "big").glob("*.safetensors"))
     assert shards and all(filecmp.cmp(tmp_path / "big" / s, tmp_path / "small" / s, shallow=False) for s in shards)

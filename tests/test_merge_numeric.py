@@ -15,7 +15,7 @@ ARCHS = ["llama", "qwen2", "mistral"]  # untied; tied + attention biases; slidin
 
 @pytest.fixture(scope="module")
 def triples(tmp_path_factory):
-    from demo.tiny import build_model_dir, build_triple
+    from chatvec.demo.tiny import build_model_dir, build_triple
 
     root = tmp_path_factory.mktemp("triples")
     out = {arch: build_triple(root / arch, arch, seed=len(arch)) for arch in ARCHS}
@@ -25,15 +25,15 @@ def triples(tmp_path_factory):
 
 
 def _merge(recipe, out: Path, **kw):
-    from merge.pipeline import merge_local
-    from merge.plan import build_plan
+    from chatvec.merge.pipeline import merge_local
+    from chatvec.merge.plan import build_plan
 
     plan = build_plan(recipe, shard_size=kw.pop("shard_size", 60_000))
     return plan, merge_local(plan, str(out), progress=False, **kw)
 
 
 def _recipe(t, ratio=1.0, **kw):
-    from merge.recipe import Recipe, VectorSpec
+    from chatvec.merge.recipe import Recipe, VectorSpec
 
     return Recipe(cp=str(t.cp), vectors=[VectorSpec(base=str(t.base), chat=str(t.chat), ratio=ratio)], **kw)
 
@@ -69,7 +69,7 @@ def test_output_dtype_is_cast_once(triples, tmp_path, dtype):
 
 
 def test_two_vectors_with_their_own_ratios(triples, tmp_path):
-    from merge.recipe import Recipe, VectorSpec
+    from chatvec.merge.recipe import Recipe, VectorSpec
 
     t = triples["llama"]
     chat2 = triples["llama_chat2"]
@@ -119,7 +119,7 @@ def test_torch_backend_gives_the_same_bytes_as_numpy(triples, tmp_path):
 
 
 def test_dare_with_density_one_is_add(triples, tmp_path):
-    from merge.recipe import Recipe, VectorSpec
+    from chatvec.merge.recipe import Recipe, VectorSpec
 
     t = triples["llama"]
     _merge(_recipe(t, 0.5), tmp_path / "add")
@@ -133,7 +133,7 @@ def test_dare_with_density_one_is_add(triples, tmp_path):
 
 
 def test_single_file_inputs_and_one_output_shard(tmp_path):
-    from demo.tiny import build_triple
+    from chatvec.demo.tiny import build_triple
 
     t = build_triple(tmp_path / "in", "llama", shard_size=None, seed=5)
     assert (t.cp / "model.safetensors").exists()
@@ -147,7 +147,7 @@ def test_single_file_inputs_and_one_output_shard(tmp_path):
 
 @pytest.mark.parametrize("method", ["ties", "dare", "dare_ties"])
 def test_torch_backend_gives_the_same_bytes_as_numpy_for_each_method(triples, tmp_path, method):
-    from merge.recipe import Recipe, VectorSpec
+    from chatvec.merge.recipe import Recipe, VectorSpec
 
     t = triples["llama"]
     recipe = Recipe(

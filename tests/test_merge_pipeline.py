@@ -6,20 +6,20 @@ import json
 
 import pytest
 
-from merge.lock import LOCK_FILE
-from merge.storage import Store
+from chatvec.core.lock import LOCK_FILE
+from chatvec.core.storage import Store
 
 
 @pytest.fixture(scope="module")
 def triple(tmp_path_factory):
-    from demo.tiny import build_triple
+    from chatvec.demo.tiny import build_triple
 
     return build_triple(tmp_path_factory.mktemp("pipeline"), "llama", seed=31, shard_size="50KB")
 
 
 def _plan(t, shard_size: int = 60_000):
-    from merge.plan import build_plan
-    from merge.recipe import Recipe, VectorSpec
+    from chatvec.merge.plan import build_plan
+    from chatvec.merge.recipe import Recipe, VectorSpec
 
     return build_plan(
         Recipe(cp=str(t.cp), vectors=[VectorSpec(base=str(t.base), chat=str(t.chat), ratio=0.5)]), shard_size=shard_size
@@ -45,9 +45,9 @@ class _Watching:
 
 
 def test_workers_0_uses_the_configured_lock_ttl_and_names_the_writer(triple, tmp_path):
-    from cluster.config import ChatvecConfig
-    from cluster.merge_driver import run_merge_job
-    from merge.pipeline import InProcessExecutor, run_merge
+    from chatvec.cluster.merge_driver import run_merge_job
+    from chatvec.core.config import ChatvecConfig
+    from chatvec.merge.pipeline import InProcessExecutor, run_merge
 
     cfg = ChatvecConfig()
     cfg = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"lock_ttl_s": 123.0})})
@@ -67,7 +67,7 @@ def test_workers_0_uses_the_configured_lock_ttl_and_names_the_writer(triple, tmp
 
 
 def test_leftover_temporary_files_are_removed_in_process_too(triple, tmp_path):
-    from merge.pipeline import merge_local
+    from chatvec.merge.pipeline import merge_local
 
     plan = _plan(triple)
     out = tmp_path / "out"
@@ -80,8 +80,8 @@ def test_leftover_temporary_files_are_removed_in_process_too(triple, tmp_path):
 
 
 def test_overwrite_replaces_another_commit_under_the_lock(triple, tmp_path):
-    from merge.errors import OutputExistsError
-    from merge.pipeline import merge_local
+    from chatvec.core.errors import OutputExistsError
+    from chatvec.merge.pipeline import merge_local
 
     out = str(tmp_path / "out")
     merge_local(_plan(triple), out, progress=False)

@@ -11,14 +11,14 @@ import pytest
 
 @pytest.fixture(scope="module")
 def triple(tmp_path_factory):
-    from demo.tiny import build_triple
+    from chatvec.demo.tiny import build_triple
 
     return build_triple(tmp_path_factory.mktemp("r") / "t", "mistral", seed=51)
 
 
 def _plan(t, ratio=0.5):
-    from merge.plan import build_plan
-    from merge.recipe import Recipe, VectorSpec
+    from chatvec.merge.plan import build_plan
+    from chatvec.merge.recipe import Recipe, VectorSpec
 
     return build_plan(
         Recipe(cp=str(t.cp), vectors=[VectorSpec(base=str(t.base), chat=str(t.chat), ratio=ratio)]), shard_size=40_000
@@ -34,7 +34,7 @@ def _identical(a: Path, b: Path, names: list[str]) -> bool:
 
 
 def test_resume_keeps_verified_shards_and_is_byte_identical(triple, tmp_path):
-    from merge.pipeline import merge_local
+    from chatvec.merge.pipeline import merge_local
 
     plan = _plan(triple)
     assert len(plan.shards) >= 4
@@ -60,7 +60,7 @@ def test_resume_keeps_verified_shards_and_is_byte_identical(triple, tmp_path):
 
 
 def test_same_recipe_is_a_cache_hit(triple, tmp_path, capsys):
-    from cluster.cli import main
+    from chatvec.cli.main import main
 
     args = [
         "merge",
@@ -87,8 +87,8 @@ def test_same_recipe_is_a_cache_hit(triple, tmp_path, capsys):
 def test_changed_input_is_not_a_cache_hit(triple, tmp_path):
     import shutil
 
-    from merge.output import check_output
-    from merge.pipeline import merge_local
+    from chatvec.merge.output import check_output
+    from chatvec.merge.pipeline import merge_local
 
     cp = shutil.copytree(triple.cp, tmp_path / "cp")
     t = type(triple)(base=triple.base, chat=triple.chat, cp=cp)
@@ -96,15 +96,15 @@ def test_changed_input_is_not_a_cache_hit(triple, tmp_path):
     assert check_output(_plan(t), str(tmp_path / "o"), overwrite=False) is not None
     shard = sorted(cp.glob("model-*.safetensors"))[0]
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
-    from merge.errors import OutputExistsError
+    from chatvec.core.errors import OutputExistsError
 
     with pytest.raises(OutputExistsError):
         check_output(_plan(t), str(tmp_path / "o"), overwrite=False)
 
 
 def test_inputs_and_output_on_s3(triple, tmp_path, s3_server):
-    from merge.pipeline import merge_local
-    from merge.storage import Store
+    from chatvec.core.storage import Store
+    from chatvec.merge.pipeline import merge_local
 
     bucket = s3_server.make_bucket()
     remote = {r: s3_server.upload_dir(getattr(triple, r), f"{bucket}/models/{r}") for r in ("base", "chat", "cp")}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from merge.kernels import NumpyBackend
+from chatvec.merge.kernels import NumpyBackend
 
 
 def _specials() -> np.ndarray:

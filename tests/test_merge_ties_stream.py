@@ -11,14 +11,14 @@ import pytest
 
 @pytest.fixture(scope="module")
 def triple(tmp_path_factory):
-    from demo.tiny import build_triple
+    from chatvec.demo.tiny import build_triple
 
     return build_triple(tmp_path_factory.mktemp("ties"), "llama", seed=41, cp_extra_tokens=2, chat_extra_tokens=3)
 
 
 def _plan(t, density: float, **extra):
-    from merge.plan import build_plan
-    from merge.recipe import Recipe, VectorSpec
+    from chatvec.merge.plan import build_plan
+    from chatvec.merge.recipe import Recipe, VectorSpec
 
     vectors = [
         VectorSpec(base=str(t.base), chat=str(t.chat), ratio=0.8, method="ties", density=density),
@@ -29,10 +29,10 @@ def _plan(t, density: float, **extra):
 
 def _full_abs_tau(plan, task, term_index: int) -> np.ndarray:
     """|tau| of the whole tensor the plain way (zeros where the vector has no row)."""
-    from merge.job_buffer import tau_into
-    from merge.jobs import task_jobs
-    from merge.kernels import NumpyBackend
-    from merge.shard_writer import Readers
+    from chatvec.merge.job_buffer import tau_into
+    from chatvec.merge.jobs import task_jobs
+    from chatvec.merge.kernels import NumpyBackend
+    from chatvec.merge.shard_writer import Readers
 
     readers = Readers(plan)
     full = np.zeros(task.numel, np.float32)
@@ -55,13 +55,13 @@ def _full_abs_tau(plan, task, term_index: int) -> np.ndarray:
 
 @pytest.mark.parametrize(("job_elems", "density"), [(37, 0.3), (1000, 0.9), (1 << 21, 0.3)])
 def test_streaming_threshold_is_the_kth_largest(triple, monkeypatch, job_elems, density):
-    import merge.jobs
-    from merge.kernels import ties_threshold_k
-    from merge.shard_writer import Readers
-    from merge.ties_threshold import term_threshold
+    import chatvec.merge.jobs
+    from chatvec.merge.kernels import ties_threshold_k
+    from chatvec.merge.shard_writer import Readers
+    from chatvec.merge.ties_threshold import term_threshold
 
     plan = _plan(triple, density, embeddings="by-token")
-    monkeypatch.setattr(merge.jobs, "JOB_ELEMS", job_elems)
+    monkeypatch.setattr(chatvec.merge.jobs, "JOB_ELEMS", job_elems)
     readers = Readers(plan)
     checked = 0
     for task in plan.tasks.values():
@@ -76,11 +76,11 @@ def test_streaming_threshold_is_the_kth_largest(triple, monkeypatch, job_elems, 
 
 
 def test_merged_bytes_do_not_depend_on_the_job_size(triple, tmp_path, monkeypatch):
-    import merge.jobs
-    from merge.pipeline import merge_local
+    import chatvec.merge.jobs
+    from chatvec.merge.pipeline import merge_local
 
     merge_local(_plan(triple, 0.4, embeddings="by-token"), str(tmp_path / "one"), progress=False)
-    monkeypatch.setattr(merge.jobs, "JOB_ELEMS", 777)
+    monkeypatch.setattr(chatvec.merge.jobs, "JOB_ELEMS", 777)
     merge_local(_plan(triple, 0.4, embeddings="by-token"), str(tmp_path / "many"), progress=False)
     shards = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
     assert shards
@@ -93,10 +93,10 @@ def test_threshold_with_ties_zeros_and_specials(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from merge.plan import build_plan
-    from merge.recipe import Recipe, VectorSpec
-    from merge.shard_writer import Readers
-    from merge.ties_threshold import term_threshold
+    from chatvec.merge.plan import build_plan
+    from chatvec.merge.recipe import Recipe, VectorSpec
+    from chatvec.merge.shard_writer import Readers
+    from chatvec.merge.ties_threshold import term_threshold
 
     rng = np.random.default_rng(5)
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 8}
@@ -138,15 +138,15 @@ def test_one_pass_when_the_first_job_guesses_the_bin_and_exact_either_way(tmp_pa
     import torch
     from safetensors.torch import save_file
 
-    import merge.jobs
-    import merge.ties_threshold as ties_threshold
-    from merge.fused import kernel
-    from merge.plan import build_plan
-    from merge.recipe import Recipe, VectorSpec
-    from merge.shard_writer import Readers
+    import chatvec.merge.jobs
+    import chatvec.merge.ties_threshold as ties_threshold
+    from chatvec.merge.fused import kernel
+    from chatvec.merge.plan import build_plan
+    from chatvec.merge.recipe import Recipe, VectorSpec
+    from chatvec.merge.shard_writer import Readers
 
     kernel(wait=True)  # bf16 then goes through the fused kernels where numba is installed
-    monkeypatch.setattr(merge.jobs, "JOB_ELEMS", 5000)
+    monkeypatch.setattr(chatvec.merge.jobs, "JOB_ELEMS", 5000)
     if case == "too-many-in-the-guessed-bins":
         monkeypatch.setattr(ties_threshold, "_ROOM", 50)
     rng = np.random.default_rng(11)

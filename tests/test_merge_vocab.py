@@ -15,7 +15,7 @@ VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from demo.tiny import build_model_dir, build_triple
+    from chatvec.demo.tiny import build_model_dir, build_triple
 
     root = tmp_path_factory.mktemp("vocab")
     out = {
@@ -65,9 +65,9 @@ def _vocab(folder: Path) -> dict[str, int]:
 
 
 def _merge(cp, base, chat, out, **kw):
-    from merge.pipeline import merge_local
-    from merge.plan import build_plan
-    from merge.recipe import Recipe, VectorSpec
+    from chatvec.merge.pipeline import merge_local
+    from chatvec.merge.plan import build_plan
+    from chatvec.merge.recipe import Recipe, VectorSpec
 
     recipe = Recipe(cp=str(cp), vectors=[VectorSpec(base=str(base), chat=str(chat), ratio=kw.pop("ratio", 1.0))], **kw)
     plan = build_plan(recipe, shard_size=80_000)
@@ -113,7 +113,7 @@ def _check(out_dir, cp, base, chat, ratio, by, vocab_names):
 
 
 def test_no_policy_is_refused_naming_tensors_and_policies(models, tmp_path):
-    from merge.errors import PlanError
+    from chatvec.core.errors import PlanError
 
     t = models["llama"]
     with pytest.raises(PlanError) as err:
@@ -135,7 +135,7 @@ def test_policies(models, tmp_path, arch, names, policy, by):
 
 
 def test_overlap_checks_the_prefix_and_by_token_follows_strings(models, tmp_path):
-    from merge.errors import PlanError
+    from chatvec.core.errors import PlanError
 
     t = models["llama"]
     swapped = models["cp_swapped"]

@@ -57,14 +57,14 @@ def _scenario(spec: dict) -> dict:
     from conftest import free_port
     from ray.cluster_utils import Cluster
 
-    from cluster.config import ChatvecConfig, EvalSettings, MergeSettings, RaySettings
-    from cluster.eval_driver import run_eval
-    from cluster.merge_driver import DistributedMerge
-    from cluster.sweep import load_sweep
-    from cluster.sweep_run import run_sweep
-    from merge.plan import build_plan
-    from merge.recipe import Recipe, VectorSpec
-    from merge.units import parse_size
+    from chatvec.cluster.eval_driver import run_eval
+    from chatvec.cluster.merge_driver import DistributedMerge
+    from chatvec.core.config import ChatvecConfig, EvalSettings, MergeSettings, RaySettings
+    from chatvec.core.units import parse_size
+    from chatvec.merge.plan import build_plan
+    from chatvec.merge.recipe import Recipe, VectorSpec
+    from chatvec.runs.sweep import load_sweep
+    from chatvec.runs.sweep_run import run_sweep
 
     caches = spec["node_caches"]
 
@@ -99,7 +99,7 @@ def _scenario(spec: dict) -> dict:
             merge=MergeSettings(workers=2, cpus_per_worker=1, gpus_per_worker=0, device="cpu"),
             eval=EvalSettings(workers=2, cpus_per_engine=1, gpus_per_engine=0, judge_workers=1, device="cpu"),
         )
-        from cluster.runtime import ensure_ray
+        from chatvec.cluster.runtime import ensure_ray
 
         ensure_ray(config)
 
@@ -153,7 +153,7 @@ def _scenario(spec: dict) -> dict:
 def multinode(tmp_path_factory, s3_server):
     from test_cluster_merge import build_small_triple
 
-    from demo.tiny import build_model_dir
+    from chatvec.demo.tiny import build_model_dir
 
     work = tmp_path_factory.mktemp("multinode")
     bucket = s3_server.make_bucket()
@@ -232,8 +232,8 @@ def multinode(tmp_path_factory, s3_server):
 
 
 def _rows(out: str) -> dict[str, list[tuple]]:
-    from eval.results import read_table
-    from merge.storage import Store
+    from chatvec.core.storage import Store
+    from chatvec.eval.results import read_table
 
     store = Store(out)
     keep = ("item_id", "metric", "score", "response", "in_language")
@@ -245,7 +245,7 @@ def _rows(out: str) -> dict[str, list[tuple]]:
 
 def _copy_of(folder: str, uri: str) -> bool:
     """Whether a cache folder holds a complete copy of the model at ``uri``: every file, same bytes."""
-    from merge.storage import Store
+    from chatvec.core.storage import Store
 
     store = Store(uri)
     files = [rel for rel in store.list() if not rel.startswith(".")]
@@ -283,8 +283,8 @@ def test_merge_actors_on_both_nodes_write_the_reference_to_s3(multinode):
 
 
 def test_eval_actors_on_both_nodes_copy_models_into_their_own_node_cache(multinode, tmp_path):
-    from cluster.config import ChatvecConfig
-    from cluster.eval_driver import run_eval
+    from chatvec.cluster.eval_driver import run_eval
+    from chatvec.core.config import ChatvecConfig
 
     spec, ev = multinode["spec"], multinode["report"]["eval"]
     assert ev["ok"] and ev["counts"]["generated"] == 4
@@ -308,7 +308,7 @@ def test_eval_actors_on_both_nodes_copy_models_into_their_own_node_cache(multino
 
 
 def test_sweep_merges_and_evaluates_on_both_nodes_into_s3(multinode):
-    from merge.storage import Store
+    from chatvec.core.storage import Store
 
     spec, report = multinode["spec"], multinode["report"]
     sweep = report["sweep"]

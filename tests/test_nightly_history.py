@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from eval import history
-from eval.schema import summary_table
-from merge.errors import ChatvecError
+from chatvec.core.errors import ChatvecError
+from chatvec.eval import history
+from chatvec.eval.schema import summary_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,7 +143,7 @@ def test_runs_dataset(where, tmp_path, request):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "chatvec.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
 
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from eval.paired import (
+from chatvec.eval.paired import (
     PairedDiff,
     bootstrap_interval,
     compare_models,
@@ -111,8 +111,8 @@ def test_format_and_empty():
 def _summary(rows_by_cell: dict[tuple, dict[str, float]]):
     import datetime as dt
 
-    from eval.kinds.base import mean_stderr
-    from eval.schema import summary_table
+    from chatvec.eval.kinds.base import mean_stderr
+    from chatvec.eval.schema import summary_table
 
     out = []
     for (model, lang, bench, metric), items in rows_by_cell.items():
@@ -145,8 +145,8 @@ def _samples(rows_by_cell):
 
 
 def test_nightly_check_pairs_cells_with_the_same_items_and_keeps_the_unpaired_rule_elsewhere():
-    from eval.history import compare
-    from eval.paired import pair_changes, paired_table_text
+    from chatvec.eval.history import compare
+    from chatvec.eval.paired import pair_changes, paired_table_text
 
     rng = random.Random(3)
     difficulty = {str(i): rng.uniform(1, 9) for i in range(60)}
@@ -178,9 +178,9 @@ def test_nightly_check_pairs_cells_with_the_same_items_and_keeps_the_unpaired_ru
 
 
 def test_the_report_says_which_regressions_were_decided_item_by_item(tmp_path):
-    from eval.history import compare
-    from eval.paired import pair_changes
-    from eval.report import write_report
+    from chatvec.eval.history import compare
+    from chatvec.eval.paired import pair_changes
+    from chatvec.eval.report import write_report
 
     rng = random.Random(5)
     base = {str(i): rng.uniform(1, 9) for i in range(40)}

@@ -10,11 +10,11 @@ import random
 import pyarrow.parquet as pq
 from click.testing import CliRunner
 
-from cluster.cli import cli
-from eval import history
-from eval.kinds.base import mean_stderr
-from eval.schema import samples_table, summary_table
-from merge.storage import Store
+from chatvec.cli.main import cli
+from chatvec.core.storage import Store
+from chatvec.eval import history
+from chatvec.eval.kinds.base import mean_stderr
+from chatvec.eval.schema import samples_table, summary_table
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 

@@ -16,7 +16,7 @@ import math
 
 import pytest
 
-from eval.kinds.perplexity import PerplexityKind
+from chatvec.eval.kinds.perplexity import PerplexityKind
 
 PARTS = [(12.0, 4, 30), (6.0, 3, 20), (20.0, 8, 50)]
 

@@ -9,10 +9,10 @@ import re
 import pyarrow as pa
 import pytest
 
-from eval.history import compare
-from eval.report import ModelInfo, write_report
-from eval.schema import summary_table
-from merge.storage import Store
+from chatvec.core.storage import Store
+from chatvec.eval.history import compare
+from chatvec.eval.report import ModelInfo, write_report
+from chatvec.eval.schema import summary_table
 
 BENCHES = {  # benchmark -> (kind, metrics)
     "chat": ("chat", ["judge_score", "in_language"]),

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.sweep import Sweep, load_sweep
-from merge.errors import ConfigError
-from merge.yamlconfig import parse_model
+from chatvec.core.errors import ConfigError
+from chatvec.core.yamlconfig import parse_model
+from chatvec.runs.sweep import Sweep, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +42,7 @@ def test_examples_parse():
 
 
 def test_examples_demo_matches_what_the_demo_writes(tmp_path):
-    from cluster.cmd_demo import write_sweep_file
+    from chatvec.cli.cmd_demo import write_sweep_file
 
     written = load_sweep(str(write_sweep_file(tmp_path)))
     shipped = load_sweep(str(ROOT / "examples" / "demo.yaml"))
@@ -126,7 +126,7 @@ def test_cli_bad_sweep_file_exit_status(tmp_path):
     bad = tmp_path / "sweep.yaml"
     bad.write_text(GOOD + "judgee: x\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "sweep", str(bad), "--root", str(tmp_path / "store")],
+        [sys.executable, "-m", "chatvec.cli", "sweep", str(bad), "--root", str(tmp_path / "store")],
         cwd=ROOT,
         capture_output=True,
         text=True,

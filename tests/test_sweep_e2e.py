@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from eval import history
-from merge.storage import Store
+from chatvec.core.storage import Store
+from chatvec.eval import history
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ eval: {{limit: 2, max_new_tokens: 6, batch_size: 2}}
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory) -> Path:
     """A base, a chat and a zh-Hant CP model with two extra words (so `skip` matters)."""
-    from demo.tiny import CHAT_TEMPLATE_CHAT, build_model_dir
+    from chatvec.demo.tiny import CHAT_TEMPLATE_CHAT, build_model_dir
 
     root = tmp_path_factory.mktemp("tiny")
     build_model_dir(root / "base", "llama", seed=0, shard_size="50KB")
@@ -71,7 +71,7 @@ def write_sweep(path: Path, *, models: Path, root: str, name: str = "e2e") -> Pa
 
 
 def config(workers: int):
-    from cluster.config import ChatvecConfig
+    from chatvec.core.config import ChatvecConfig
 
     cfg = ChatvecConfig()
     cfg.merge.workers = workers
@@ -80,8 +80,8 @@ def config(workers: int):
 
 
 def test_sweep_on_ray_and_s3_then_reuse(tiny_models, tmp_path, ray_cluster, s3_bucket):
-    from cluster.sweep import load_sweep
-    from cluster.sweep_run import run_sweep
+    from chatvec.runs.sweep import load_sweep
+    from chatvec.runs.sweep_run import run_sweep
 
     root = f"{s3_bucket}/chatvec"
     sweep = load_sweep(str(write_sweep(tmp_path / "sweep.yaml", models=tiny_models, root=root)))
@@ -145,7 +145,7 @@ def _inject_drop(root: str, run_id: str, model: str, metric: str, new_score: flo
 
 def _nightly(sweep_file: Path, run_id: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "nightly", str(sweep_file), "--run-id", run_id, "--workers", "0"],
+        [sys.executable, "-m", "chatvec.cli", "nightly", str(sweep_file), "--run-id", run_id, "--workers", "0"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -154,8 +154,8 @@ def _nightly(sweep_file: Path, run_id: str) -> subprocess.CompletedProcess:
 
 
 def test_nightly_twice_detects_an_injected_regression(tiny_models, tmp_path):
-    from cluster.sweep import load_sweep
-    from cluster.sweep_run import EXIT_REGRESSION, run_sweep
+    from chatvec.runs.sweep import load_sweep
+    from chatvec.runs.sweep_run import EXIT_REGRESSION, run_sweep
 
     root = str(tmp_path / "store")
     sweep_file = write_sweep(tmp_path / "nightly.yaml", models=tiny_models, root=root, name="nightly")
@@ -169,7 +169,7 @@ def test_nightly_twice_detects_an_injected_regression(tiny_models, tmp_path):
 
     # the second night's results get worse: every in_language score of the merged model drops from
     # 1 to 0 (set by hand: the tiny models' few-token answers are too short to tell their language)
-    from eval.results import summarize
+    from chatvec.eval.results import summarize
 
     merged = "v.zh-Hant.add.r1.emb-skip"
     _inject_drop(root, "2024-06-01", merged, "in_language", 1.0)
@@ -192,7 +192,7 @@ def test_nightly_twice_detects_an_injected_regression(tiny_models, tmp_path):
 
     # the stored summaries say the same to `chatvec results --compare`
     cmp = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "results", "--compare", "2024-06-01", "2024-06-02", "--root", root],
+        [sys.executable, "-m", "chatvec.cli", "results", "--compare", "2024-06-01", "2024-06-02", "--root", root],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -212,7 +212,7 @@ def test_bad_inputs_stop_the_sweep_before_anything_is_written(tiny_models, tmp_p
     sweep_file = tmp_path / "bad.yaml"
     sweep_file.write_text(text)
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "sweep", str(sweep_file), "--workers", "0"],
+        [sys.executable, "-m", "chatvec.cli", "sweep", str(sweep_file), "--workers", "0"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -8,16 +8,16 @@ import random
 
 import pytest
 
-from demo.toyworld.build import WorldConfig, benchmark_specs, build_world, load_world
-from demo.toyworld.corpora import IGNORE, Corpora
-from demo.toyworld.language import SCRIPTS as TOY_SCRIPTS
-from demo.toyworld.language import ToyLanguage, to_l1, to_l2, transliterate
-from demo.toyworld.tasks import benchmark_items
-from demo.toyworld.tokenizer import build_tokenizer
-from eval.benchmarks import parse_benchmark
-from eval.fidelity import FidelityScorer, ScriptDetector
-from eval.kinds.task import closed, either_script_match, exact_match
-from merge.errors import InputError, OutputExistsError
+from chatvec.core.errors import InputError, OutputExistsError
+from chatvec.demo.toyworld.build import WorldConfig, benchmark_specs, build_world, load_world
+from chatvec.demo.toyworld.corpora import IGNORE, Corpora
+from chatvec.demo.toyworld.language import SCRIPTS as TOY_SCRIPTS
+from chatvec.demo.toyworld.language import ToyLanguage, to_l1, to_l2, transliterate
+from chatvec.demo.toyworld.tasks import benchmark_items
+from chatvec.demo.toyworld.tokenizer import build_tokenizer
+from chatvec.eval.benchmarks import parse_benchmark
+from chatvec.eval.fidelity import FidelityScorer, ScriptDetector
+from chatvec.eval.kinds.task import closed, either_script_match, exact_match
 
 TOY = ScriptDetector(TOY_SCRIPTS)
 
@@ -142,8 +142,8 @@ def test_build_refuses_a_finished_world_and_load_refuses_an_unfinished_one(quick
 def test_cli_builds_to_s3(s3_server):
     from click.testing import CliRunner
 
-    from cluster.cmd_toyworld import toyworld
-    from merge.storage import Store
+    from chatvec.cli.cmd_toyworld import toyworld
+    from chatvec.core.storage import Store
 
     uri = s3_server.make_bucket() + "/worlds/w1"
     result = CliRunner().invoke(toyworld, ["build", "--out", uri, "--seed", "1", "--quick", "--no-progress"])
@@ -162,7 +162,7 @@ def test_task_kind_runs_on_the_world(quick_world, tmp_path):
     consistent with the fixed-string scorers, fidelity decided by script."""
     import pyarrow.parquet as pq
 
-    from eval.runner import RunSettings, run_in_process
+    from chatvec.eval.runner import RunSettings, run_in_process
 
     out, _ = quick_world
     models = {"chat": str(out / "chat"), "cp": str(out / "cp")}
@@ -174,8 +174,8 @@ def test_task_kind_runs_on_the_world(quick_world, tmp_path):
         show_progress=False,
     )
     assert outcome.ok, outcome.failed
-    from eval.fidelity import _DETECTORS as registered_detectors
-    from eval.kinds import _REGISTRY as registered_kinds
+    from chatvec.eval.fidelity import _DETECTORS as registered_detectors
+    from chatvec.eval.kinds import _REGISTRY as registered_kinds
 
     # the benchmark's scripts reached the scorer and the kind was found by name: nothing global was written
     assert not registered_detectors and not registered_kinds

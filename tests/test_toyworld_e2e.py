@@ -12,8 +12,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from eval import history
-from merge.storage import Store
+from chatvec.core.storage import Store
+from chatvec.eval import history
 
 RATIOS = (0.5, 1.25)
 LIMIT = 8  # instructions per model (of the quick world's 16)
@@ -23,7 +23,7 @@ LANGUAGES = ("toy-l2", "toy-l1")
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory, ray_cluster):
-    from cluster.cmd_demo import run_demo
+    from chatvec.cli.cmd_demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
     lines: list[str] = []
@@ -110,7 +110,7 @@ def test_merged_weights_are_cp_plus_ratio_times_the_vector(demo_run):
 
 @pytest.mark.slow
 def test_report_holds_every_plot_and_the_key_table(demo_run):
-    from cluster.cmd_demo import key_table
+    from chatvec.cli.cmd_demo import key_table
 
     out, _, outcome, _ = demo_run
     report = Path(outcome.report_uri).parent
@@ -142,7 +142,7 @@ def test_report_holds_every_plot_and_the_key_table(demo_run):
 def test_cli_reuses_world_and_merges(demo_run):
     from click.testing import CliRunner
 
-    from cluster.cmd_demo import demo
+    from chatvec.cli.cmd_demo import demo
 
     out, _, _, _ = demo_run
     args = ["--out", str(out), "--quick", "--limit", "2", "--run-id", "again", "--workers", "0", "--eval-workers", "0"]
@@ -159,8 +159,8 @@ def test_cli_reuses_world_and_merges(demo_run):
 
 @pytest.mark.slow
 def test_other_world_in_the_folder_is_refused(demo_run):
-    from cluster.cmd_demo import prepare_world
-    from merge.errors import InputError
+    from chatvec.cli.cmd_demo import prepare_world
+    from chatvec.core.errors import InputError
 
     out, _, _, _ = demo_run
     with pytest.raises(InputError, match="--rebuild"):
@@ -168,9 +168,9 @@ def test_other_world_in_the_folder_is_refused(demo_run):
 
 
 def test_shipped_world():
-    from cluster.cmd_demo import shipped_world
-    from demo.toyworld.build import load_world
-    from eval.benchmarks import parse_benchmark
+    from chatvec.cli.cmd_demo import shipped_world
+    from chatvec.demo.toyworld.build import load_world
+    from chatvec.eval.benchmarks import parse_benchmark
 
     world = shipped_world()
     info = load_world(str(world))
@@ -193,7 +193,7 @@ def test_shipped_world():
 
 
 def test_intervals():
-    from eval.report_plots import fmt_interval, interval95, wilson
+    from chatvec.eval.report_plots import fmt_interval, interval95, wilson
 
     lo, hi = wilson(0.5, 100)
     assert round(lo, 4) == 0.4038 and round(hi, 4) == 0.5962

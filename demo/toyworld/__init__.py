@@ -4,6 +4,6 @@ CPU in minutes. See README.md in this folder for what the world shows and what i
 
 from __future__ import annotations
 
-from demo.toyworld.build import WorldConfig, build_world, load_world
+from chatvec.demo.toyworld.build import WorldConfig, build_world, load_world
 
 __all__ = ["WorldConfig", "build_world", "load_world"]

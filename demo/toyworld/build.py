@@ -21,14 +21,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from demo.toyworld.corpora import BASE_MIXTURE, CP_MIXTURE, Corpora, Mixture
-from demo.toyworld.diagnostics import twin_alignment
-from demo.toyworld.language import LANGUAGES, SCRIPTS, ToyLanguage
-from demo.toyworld.tasks import BENCHMARK, LANGUAGE_ORDER, benchmark_items
-from demo.toyworld.tokenizer import END, PAD, build_tokenizer
-from demo.toyworld.train import ModelSize, Phase, deterministic, make_model, round_to_bf16, train
-from merge.errors import InputError, OutputExistsError
-from merge.storage import Store
+from chatvec.core.errors import InputError, OutputExistsError
+from chatvec.core.storage import Store
+from chatvec.demo.toyworld.corpora import BASE_MIXTURE, CP_MIXTURE, Corpora, Mixture
+from chatvec.demo.toyworld.diagnostics import twin_alignment
+from chatvec.demo.toyworld.language import LANGUAGES, SCRIPTS, ToyLanguage
+from chatvec.demo.toyworld.tasks import BENCHMARK, LANGUAGE_ORDER, benchmark_items
+from chatvec.demo.toyworld.tokenizer import END, PAD, build_tokenizer
+from chatvec.demo.toyworld.train import ModelSize, Phase, deterministic, make_model, round_to_bf16, train
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ def _benchmarks_yaml(store: Store, benchmarks: dict) -> str:
 
 
 def benchmark_specs(uri: str) -> list:
-    """The world's benchmarks as ``eval.benchmarks.BenchmarkSpec`` objects (data at ``uri``)."""
-    from eval.benchmarks import BenchmarkSpec
+    """The world's benchmarks as ``chatvec.eval.benchmarks.BenchmarkSpec`` objects (data at ``uri``)."""
+    from chatvec.eval.benchmarks import BenchmarkSpec
 
     info = load_world(uri)
     store = Store(uri)

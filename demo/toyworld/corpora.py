@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from demo.toyworld.language import EQUALS, PERIOD, ToyLanguage
-from demo.toyworld.tasks import answer_words, sample_instruction
-from demo.toyworld.tokenizer import ASSISTANT, END, PAD, USER, vocab_list
+from chatvec.demo.toyworld.language import EQUALS, PERIOD, ToyLanguage
+from chatvec.demo.toyworld.tasks import answer_words, sample_instruction
+from chatvec.demo.toyworld.tokenizer import ASSISTANT, END, PAD, USER, vocab_list
 
 IGNORE = -100
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from demo.toyworld.language import ToyLanguage, to_l2
+from chatvec.demo.toyworld.language import ToyLanguage, to_l2
 
 
 def twin_alignment(model, language: ToyLanguage, vocab: dict[str, int]) -> float:

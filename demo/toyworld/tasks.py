@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from demo.toyworld.language import TASKS, ToyLanguage, transliterate
+from chatvec.demo.toyworld.language import TASKS, ToyLanguage, transliterate
 
 BENCHMARK = "toy-task"
 LANGUAGE_ORDER = ("toy-l1", "toy-l2")

@@ -3,7 +3,7 @@ tokenizer (``tokenizer.json`` + chat template), so ``AutoTokenizer`` and every e
 
 from __future__ import annotations
 
-from demo.toyworld.language import EQUALS, PERIOD, ToyLanguage
+from chatvec.demo.toyworld.language import EQUALS, PERIOD, ToyLanguage
 
 PAD, UNK, USER, ASSISTANT, END = "<pad>", "<unk>", "<user>", "<assistant>", "<end>"
 SPECIAL_TOKENS = (PAD, UNK, USER, ASSISTANT, END)

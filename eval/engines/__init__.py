@@ -11,7 +11,8 @@ import logging
 import time
 from collections import Counter
 
-from eval.engines.base import (
+from chatvec.core.errors import InputError
+from chatvec.eval.engines.base import (
     Decoding,
     Engine,
     Generation,
@@ -19,7 +20,6 @@ from eval.engines.base import (
     Loglikelihood,
     LoglikelihoodRequest,
 )
-from merge.errors import InputError
 
 __all__ = [
     "ENGINES",
@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 
 # name -> "module:class"; imported only when used, so vllm stays optional
 ENGINES = {
-    "hf": "eval.engines.hf:HFEngine",
-    "vllm": "eval.engines.vllm:VLLMEngine",
+    "hf": "chatvec.eval.engines.hf:HFEngine",
+    "vllm": "chatvec.eval.engines.vllm:VLLMEngine",
 }
 
 LOAD_COUNTS: Counter = Counter()
@@ -83,7 +83,7 @@ def load_engine(
 ) -> Engine:
     """Load the model at ``model_uri`` (local folder or any storage URI) into engine ``name``.
     ``options`` are the engine's own settings (``eval.vllm`` of ray_config.yaml for vllm; hf has none)."""
-    from eval.modelcache import local_model_dir
+    from chatvec.eval.modelcache import local_model_dir
 
     cls = engine_class(name)
     path = local_model_dir(model_uri, cache_dir)

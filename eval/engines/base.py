@@ -1,7 +1,7 @@
 """The interface every engine implements: generate answers and score log-likelihoods.
 
 Requests carry token ids, never text: prompts are rendered and tokenized once, in
-``eval.prompts``, so the hf and vllm engines see exactly the same tokens.
+``chatvec.eval.prompts``, so the hf and vllm engines see exactly the same tokens.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def fit_scoring(req: LoglikelihoodRequest, max_length: int) -> tuple[list[int], 
 
 
 class Engine(ABC):
-    """One loaded model. Build with ``eval.engines.load_engine``; call ``close`` when done."""
+    """One loaded model. Build with ``chatvec.eval.engines.load_engine``; call ``close`` when done."""
 
     name: str = "engine"
 

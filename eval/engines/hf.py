@@ -13,7 +13,8 @@ from itertools import groupby
 
 from tqdm.auto import tqdm
 
-from eval.engines.base import (
+from chatvec.core.errors import InputError
+from chatvec.eval.engines.base import (
     Decoding,
     Engine,
     Generation,
@@ -23,7 +24,6 @@ from eval.engines.base import (
     fit_scoring,
     fit_window,
 )
-from merge.errors import InputError
 
 logger = logging.getLogger(__name__)
 

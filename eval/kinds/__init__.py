@@ -1,6 +1,6 @@
 """Benchmark kinds by name.
 
-A kind is a ``eval.kinds.base.Kind`` subclass. To add one, either drop a module into this package
+A kind is a ``chatvec.eval.kinds.base.Kind`` subclass. To add one, either drop a module into this package
 whose name is the kind's name (``-`` written as ``_``) and which sets ``KIND = TheClass``, e.g.
 ``eval/kinds/task.py`` for a ``task`` kind (found automatically), or call ``register_kind(cls)``
 from anywhere before the run (nothing is registered during a run).
@@ -11,8 +11,8 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from eval.kinds.base import Kind
-from merge.errors import InputError
+from chatvec.core.errors import InputError
+from chatvec.eval.kinds.base import Kind
 
 _REGISTRY: dict[str, type[Kind]] = {}
 _MODULE_OF = {"lm-eval": "lmeval"}  # kinds whose module name is not the kind's name

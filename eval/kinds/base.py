@@ -1,6 +1,6 @@
 """What a benchmark kind is: the item fields it needs, how it runs a cell, how its judge reads.
 
-A kind turns a cell's items into sample rows (dicts with ``eval.schema.ROW_FIELDS`` keys). Kinds
+A kind turns a cell's items into sample rows (dicts with ``chatvec.eval.schema.ROW_FIELDS`` keys). Kinds
 that generate answers also record language fidelity; kinds whose metric needs a judge leave that
 metric's score empty with ``judge_status`` ``pending`` (a judge was given: the judge phase fills
 it) or ``no_judge`` (none was given: it stays unscored, never invented).
@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from eval.engines.base import Decoding, Generation, GenerationRequest
-from eval.schema import NO_JUDGE, NOT_JUDGED, PENDING
+from chatvec.eval.engines.base import Decoding, Generation, GenerationRequest
+from chatvec.eval.schema import NO_JUDGE, NOT_JUDGED, PENDING
 
 if TYPE_CHECKING:
-    from eval.engines.base import Engine
-    from eval.fidelity import FidelityScorer
-    from eval.prompts import Prompts
+    from chatvec.eval.engines.base import Engine
+    from chatvec.eval.fidelity import FidelityScorer
+    from chatvec.eval.prompts import Prompts
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ ID_FIELD = FieldSpec("id", (str, int), required=False, doc="unique item id (defa
 
 
 class BenchmarkSettings(Protocol):
-    """What a kind reads of its benchmark. ``eval.benchmarks.BenchmarkSpec`` is one; kinds do not
+    """What a kind reads of its benchmark. ``chatvec.eval.benchmarks.BenchmarkSpec`` is one; kinds do not
     import it, so that benchmarks (which look kinds up by name) and kinds import one way only."""
 
     name: str

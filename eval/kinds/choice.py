@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import string
 
-from eval.engines.base import LoglikelihoodRequest
-from eval.kinds.base import CellContext, FieldSpec, Kind, dumps, row
+from chatvec.eval.engines.base import LoglikelihoodRequest
+from chatvec.eval.kinds.base import CellContext, FieldSpec, Kind, dumps, row
 
 
 def answer_index(answer, n: int) -> int | None:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from eval.engines.base import Decoding, GenerationRequest, LoglikelihoodRequest
-from eval.kinds.base import CellContext, Kind, dumps, row
-from eval.kinds.perplexity import windows
-from merge.errors import InputError
+from chatvec.core.errors import InputError
+from chatvec.eval.engines.base import Decoding, GenerationRequest, LoglikelihoodRequest
+from chatvec.eval.kinds.base import CellContext, Kind, dumps, row
+from chatvec.eval.kinds.perplexity import windows
 
 logger = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ each turn seeing its own earlier answers. Metrics: ``judge_score`` (last answer)
 
 from __future__ import annotations
 
-from eval.engines.base import GenerationRequest
-from eval.judge_prompts import multiturn_prompt
-from eval.kinds.base import CellContext, FieldSpec, answer_fields, dumps, in_language_row, row
-from eval.kinds.chat import RatedKind
+from chatvec.eval.engines.base import GenerationRequest
+from chatvec.eval.judge_prompts import multiturn_prompt
+from chatvec.eval.kinds.base import CellContext, FieldSpec, answer_fields, dumps, in_language_row, row
+from chatvec.eval.kinds.chat import RatedKind
 
 
 class MultiturnKind(RatedKind):

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import math
 
-from eval.engines.base import LoglikelihoodRequest
-from eval.kinds.base import CellContext, FieldSpec, Kind, dumps, loads, row
+from chatvec.eval.engines.base import LoglikelihoodRequest
+from chatvec.eval.kinds.base import CellContext, FieldSpec, Kind, dumps, loads, row
 
 
 def windows(ids: list[int], start: int, max_length: int) -> list[tuple[list[int], list[int]]]:

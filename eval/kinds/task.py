@@ -15,14 +15,14 @@ Metrics per answer:
 
 Language fidelity for languages that a script alone identifies (a synthetic language lingua does
 not know) comes from the benchmark's ``scripts`` (language -> script), which the evaluator turns
-into an ``eval.fidelity.ScriptDetector`` for the cell; the kind itself knows no language.
+into an ``chatvec.eval.fidelity.ScriptDetector`` for the cell; the kind itself knows no language.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from eval.kinds.base import CellContext, FieldSpec, Kind, answer_fields, dumps, in_language_row, row
+from chatvec.eval.kinds.base import CellContext, FieldSpec, Kind, answer_fields, dumps, in_language_row, row
 
 # Sentence-final marks a model may add after an otherwise exact answer.
 _TRAILING = ".!?。！？"

@@ -2,7 +2,7 @@
 
 Two runs with the same id (a cron job that fired twice, a manual rerun while the scheduled one
 still works) would compute the same cells into the same folder. The run lock stops the second:
-it is the merge output lock (``merge.lock.OutputLock``: atomic on shared filesystems, best effort
+it is the merge output lock (``chatvec.core.lock.OutputLock``: atomic on shared filesystems, best effort
 on object stores, a heartbeat and a TTL so that a crashed run's lock expires) taken on the run's
 results folder, ``<root>/results/run=<id>/.chatvec/lock.json``. The second run refuses at once
 with a message that names the holder; a lock whose holder died on this host is taken over, so a
@@ -15,8 +15,8 @@ import functools
 import logging
 import os
 
-from merge.errors import ChatvecError
-from merge.lock import DEFAULT_TTL_S, LOCK_FILE, OutputLock, OutputLockedError
+from chatvec.core.errors import ChatvecError
+from chatvec.core.lock import DEFAULT_TTL_S, LOCK_FILE, OutputLock, OutputLockedError
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class RunLock:
     """``with RunLock(root, run_id, kind="nightly"):`` around everything a run writes."""
 
     def __init__(self, root: str, run_id: str, *, kind: str = "sweep", ttl_s: float = DEFAULT_TTL_S) -> None:
-        from eval import history
+        from chatvec.eval import history
 
         self.run_id = history.check_run_id(run_id)
         self.kind = kind

@@ -5,9 +5,9 @@ through ``pyarrow.fs``. ``s3://`` honours the standard AWS environment variables
 ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` for S3-compatible servers. ``hf://org/name`` reads
 a Hugging Face repository through ``huggingface_hub`` without downloading it whole.
 
-Remote operations are retried with backoff (``merge.storage_retry``) and end, when they keep
+Remote operations are retried with backoff (``chatvec.core.storage_retry``) and end, when they keep
 failing, in a ``StorageError`` naming the URI; a full local disk is a ``DiskFullError``. All the
-``Store`` objects of a process share one client per storage endpoint (``merge.storage_clients``).
+``Store`` objects of a process share one client per storage endpoint (``chatvec.core.storage_clients``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import urlparse
 
-from merge import storage_clients
-from merge.errors import InputError, StorageError
-from merge.storage_retry import ShortReadError, disk_full, first_line, is_disk_full, with_retries
+from chatvec.core import storage_clients
+from chatvec.core.errors import InputError, StorageError
+from chatvec.core.storage_retry import ShortReadError, disk_full, first_line, is_disk_full, with_retries
 
 
 def is_local(uri: str) -> bool:

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from merge.yamlconfig import load_model
+from chatvec.core.yamlconfig import load_model
 
 DEFAULT_CONFIG = "ray_config.yaml"
 Auto = Literal["auto"]
@@ -48,8 +48,8 @@ class MergeSettings(_Strict):
     @field_validator("shard_size")
     @classmethod
     def _size(cls, v: str) -> str:
-        from merge.errors import ConfigError
-        from merge.units import parse_size
+        from chatvec.core.errors import ConfigError
+        from chatvec.core.units import parse_size
 
         try:
             parse_size(v)
@@ -59,7 +59,7 @@ class MergeSettings(_Strict):
 
 
 class VLLMSettings(_Strict):
-    """The vllm engine's settings (eval.engines.vllm.VLLMOptions)."""
+    """The vllm engine's settings (chatvec.eval.engines.vllm.VLLMOptions)."""
 
     # context window; null = the model's own (a smaller one needs less KV cache)
     max_model_len: int | None = Field(default=None, ge=2)
@@ -86,7 +86,7 @@ class VLLMSettings(_Strict):
         return v
 
     def options(self) -> dict[str, Any]:
-        """Keyword arguments of eval.engines.vllm.VLLMOptions."""
+        """Keyword arguments of chatvec.eval.engines.vllm.VLLMOptions."""
         return self.model_dump()
 
 

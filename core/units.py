@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from merge.errors import ConfigError
+from chatvec.core.errors import ConfigError
 
 _UNITS = {
     "": 1,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from merge import layout
+from chatvec.core import layout
 
 NOTE = (
     "The toy world: tiny Llamas (0.93M parameters) trained on two synthetic languages that differ "
@@ -58,9 +58,9 @@ eval: {{batch_size: 64{limit}}}
 
 def shipped_world() -> Path:
     """The seed-0 world that ships with chatvec (regenerate: see demo/toyworld/README.md)."""
-    import demo.toyworld
+    import chatvec.demo.toyworld
 
-    return Path(demo.toyworld.__file__).resolve().parent / "checkpoints"
+    return Path(chatvec.demo.toyworld.__file__).resolve().parent / "checkpoints"
 
 
 def _world_seed(path: Path) -> tuple[int, bool] | None:
@@ -92,7 +92,7 @@ def relative_benchmarks(world: Path) -> Path:
 def prepare_world(world: Path, *, seed: int = 0, quick: bool = False, rebuild: bool = False, echo=click.echo) -> Path:
     """A finished toy world at ``world``: kept if it is the one asked for, else copied from the
     shipped checkpoints (seed 0, full) or trained (a few minutes; seconds with ``quick``)."""
-    from merge.errors import InputError
+    from chatvec.core.errors import InputError
 
     have = _world_seed(world)
     if have is not None and not rebuild:
@@ -112,7 +112,7 @@ def prepare_world(world: Path, *, seed: int = 0, quick: bool = False, rebuild: b
         shutil.copytree(shipped, world)
         relative_benchmarks(world)
         return world
-    from demo.toyworld.build import WorldConfig, build_world
+    from chatvec.demo.toyworld.build import WorldConfig, build_world
 
     config = WorldConfig.small(seed) if quick else WorldConfig.full(seed)
     echo(
@@ -155,8 +155,8 @@ def write_sweep_file(
 
 def key_table(root: str, run_id: str) -> str:
     """The run's headline metrics as a plain-text table (mean [95% interval])."""
-    from eval import history
-    from eval.report import ModelInfo, headline_table
+    from chatvec.eval import history
+    from chatvec.eval.report import ModelInfo, headline_table
 
     models = [ModelInfo.from_dict(m) for m in history.read_run_info(root, run_id).get("models", [])]
     heads, body = headline_table(history.load_summary(root, run_id), models)
@@ -189,9 +189,9 @@ def run_demo(
     echo=click.echo,
 ):
     """Prepare the world, write the sweep file and run it; returns (sweep path, SweepOutcome)."""
-    from cluster.config import load_config
-    from cluster.sweep import load_sweep
-    from cluster.sweep_run import run_sweep
+    from chatvec.core.config import load_config
+    from chatvec.runs.sweep import load_sweep
+    from chatvec.runs.sweep_run import run_sweep
 
     out.mkdir(parents=True, exist_ok=True)
     prepare_world(out / "world", seed=seed, quick=quick, rebuild=rebuild, echo=echo)

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from merge.errors import ConfigError
+from chatvec.core.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -89,7 +89,7 @@ def load_model(path: str, model: type[M]) -> M:
     import os
     import posixpath
 
-    from merge.storage import Store, is_local, local_path
+    from chatvec.core.storage import Store, is_local, local_path
 
     if is_local(path):
         p = local_path(path)

@@ -28,8 +28,8 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from merge.errors import ChatvecError
-from merge.storage import Store
+from chatvec.core.errors import ChatvecError
+from chatvec.core.storage import Store
 
 logger = logging.getLogger(__name__)
 

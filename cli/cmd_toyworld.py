@@ -23,7 +23,7 @@ def build(out: str, seed: int, quick: bool, progress: bool) -> None:
     Deterministic: one torch thread and seeded data, so the same seed gives the same weights.
     The full world takes a few minutes on one CPU core.
     """
-    from demo.toyworld.build import WorldConfig, build_world
+    from chatvec.demo.toyworld.build import WorldConfig, build_world
 
     config = WorldConfig.small(seed) if quick else WorldConfig.full(seed)
     summary = build_world(out, config, progress=progress)

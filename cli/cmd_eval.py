@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from merge.errors import InputError
+from chatvec.core.errors import InputError
 
 EXIT_FAILED_CELLS = 1
 
@@ -25,10 +25,10 @@ def parse_models(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--fields", is_flag=True, help="Also list the item fields each benchmark kind needs.")
 def benchmarks(fields: bool) -> None:
     """List the shipped sample benchmarks: names, kinds, languages and items."""
-    from eval.benchmarks import shipped_benchmarks
-    from eval.items import load_items
-    from eval.kinds import get_kind, kind_names
-    from eval.tabulate import table
+    from chatvec.eval.benchmarks import shipped_benchmarks
+    from chatvec.eval.items import load_items
+    from chatvec.eval.kinds import get_kind, kind_names
+    from chatvec.eval.tabulate import table
 
     rows = []
     for spec in shipped_benchmarks():
@@ -126,9 +126,9 @@ def eval_cmd(
     quiet,
 ) -> int:
     """Evaluate models over languages and benchmarks; finished cells in --out are kept."""
-    from cluster.config import load_config
-    from cluster.eval_driver import run_eval
-    from eval.tabulate import format_summary
+    from chatvec.cluster.eval_driver import run_eval
+    from chatvec.core.config import load_config
+    from chatvec.eval.tabulate import format_summary
 
     outcome = run_eval(
         parse_models(models),

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from merge import layout
+from chatvec.core import layout
 
 _WORKERS_HELP = "Merge actors and eval actors (0: everything in this process, no Ray). Default: ray_config.yaml."
 
@@ -55,9 +55,9 @@ def _run_common(
     k: float | None,
     in_engine: bool = False,
 ) -> int:
-    from cluster.config import load_config
-    from cluster.sweep import load_sweep
-    from cluster.sweep_run import run_sweep
+    from chatvec.core.config import load_config
+    from chatvec.runs.sweep import load_sweep
+    from chatvec.runs.sweep_run import run_sweep
 
     config = load_config(config_path)
     sweep = load_sweep(sweep_file)
@@ -206,13 +206,13 @@ def nightly(sweep_file, config_path, workers, merge_workers, eval_workers, root,
 )
 def results(run, root, config_path, compare, k):
     """List runs; with RUN print its summary; with --compare A B print the differences."""
-    from eval import history
+    from chatvec.eval import history
 
     if root is None:
-        from cluster.config import load_config
+        from chatvec.core.config import load_config
 
         root = load_config(config_path).storage.root
-    from merge.storage import Store
+    from chatvec.core.storage import Store
 
     store = Store(root)  # opened once, at the edge
     if compare:
@@ -220,8 +220,8 @@ def results(run, root, config_path, compare, k):
             raise click.UsageError("give either RUN or --compare A B, not both")
         a, b = compare
         changes = history.compare(history.load_summary(store, a), history.load_summary(store, b), k=k)
-        from eval.browser import load_samples
-        from eval.paired import pair_changes, paired_table_text
+        from chatvec.eval.browser import load_samples
+        from chatvec.eval.paired import pair_changes, paired_table_text
 
         # cells both runs scored on the same items are compared item by item
         check = pair_changes(

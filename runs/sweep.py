@@ -18,7 +18,7 @@ with baselines on each target's benchmarks, and reported. One YAML file describe
 Every merge lands in ``<root>/models/<name>-<fingerprint>/``: the fingerprint covers the recipe
 and the inputs' identities, so a merge already committed there is reused, and a changed input
 gives a new folder instead of a refusal. Results go to ``<root>/results/run=<run_id>/`` and the
-report to ``<root>/reports/<run_id>/index.html``. Running a plan is cluster/sweep_run.py.
+report to ``<root>/reports/<run_id>/index.html``. Running a plan is runs/sweep_run.py.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from merge import layout
-from merge.errors import ConfigError
-from merge.methods import METHOD_NAMES
+from chatvec.core import layout
+from chatvec.core.errors import ConfigError
+from chatvec.merge.methods import METHOD_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class Sweep(_Strict):
 
 def load_sweep(path: str) -> Sweep:
     """Read and validate a sweep YAML; a ConfigError names every bad key with its line."""
-    from merge.yamlconfig import load_model
+    from chatvec.core.yamlconfig import load_model
 
     sweep = load_model(path, Sweep)
     if sweep.name is None:
@@ -222,8 +222,8 @@ class PlannedMerge:
     ratio: float
     method: str
     embeddings: str
-    recipe: Any  # merge.recipe.Recipe
-    plan: Any = None  # merge.plan.MergePlan
+    recipe: Any  # chatvec.merge.recipe.Recipe
+    plan: Any = None  # chatvec.merge.plan.MergePlan
     out_uri: str = ""
     cached: bool = False
     # the name of an earlier merge with the same plan (two targets sharing a CP model): this one
@@ -281,8 +281,8 @@ EMBEDDINGS_HINT = (
 
 def check_benchmarks(sweep: Sweep) -> list[str]:
     """Problems with the targets' benchmarks: unknown names, or no data in the target's language."""
-    from eval.benchmarks import resolve_benchmarks
-    from merge.errors import ChatvecError
+    from chatvec.core.errors import ChatvecError
+    from chatvec.eval.benchmarks import resolve_benchmarks
 
     problems = []
     for t in sweep.targets:
@@ -306,10 +306,10 @@ def plan_sweep(sweep: Sweep, *, root: str, shard_size: int, progress=None) -> Sw
     Plans are built (headers read and checked) before anything runs, so a bad input stops the
     sweep before the first byte is written; all problems of all merges are listed together.
     """
-    from merge.errors import ChatvecError, PlanError
-    from merge.output import check_output
-    from merge.plan import build_plan
-    from merge.recipe import Recipe, VectorSpec
+    from chatvec.core.errors import ChatvecError, PlanError
+    from chatvec.merge.output import check_output
+    from chatvec.merge.plan import build_plan
+    from chatvec.merge.recipe import Recipe, VectorSpec
 
     merges: list[PlannedMerge] = []
     for t in sweep.targets:

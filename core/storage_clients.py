@@ -15,7 +15,7 @@ import os
 import threading
 from urllib.parse import urlparse
 
-from merge.storage_retry import RetryPolicy
+from chatvec.core.storage_retry import RetryPolicy
 
 _CREDENTIAL_VARS = (
     "AWS_ACCESS_KEY_ID",

@@ -10,19 +10,22 @@ import sys
 
 import click
 
-from merge.errors import ChatvecError
+from chatvec.core.errors import ChatvecError
 
 # name -> "module:attribute" of a click.Command
 COMMANDS = {
-    "extract": ("cluster.cmd_merge:extract", "Write a chat vector (chat - base) as a safetensors checkpoint."),
-    "merge": ("cluster.cmd_merge:merge", "Merge CP + ratio * (chat - base) into a new checkpoint."),
-    "benchmarks": ("cluster.cmd_eval:benchmarks", "List the benchmarks chatvec ships."),
-    "eval": ("cluster.cmd_eval:eval_cmd", "Evaluate models over languages and benchmarks."),
-    "sweep": ("cluster.cmd_sweep:sweep", "Run a sweep: merges x evaluation x report."),
-    "nightly": ("cluster.cmd_sweep:nightly", "Run a sweep as tonight's run and check for regressions."),
-    "results": ("cluster.cmd_sweep:results", "List runs, print a run's summary or compare two runs."),
-    "demo": ("cluster.cmd_demo:demo", "Merge and evaluate the toy world's chat vector (the main demo)."),
-    "toyworld": ("cluster.cmd_toyworld:toyworld", "Build the seeded toy world where the chat vector effect is real."),
+    "extract": ("chatvec.cli.cmd_merge:extract", "Write a chat vector (chat - base) as a safetensors checkpoint."),
+    "merge": ("chatvec.cli.cmd_merge:merge", "Merge CP + ratio * (chat - base) into a new checkpoint."),
+    "benchmarks": ("chatvec.cli.cmd_eval:benchmarks", "List the benchmarks chatvec ships."),
+    "eval": ("chatvec.cli.cmd_eval:eval_cmd", "Evaluate models over languages and benchmarks."),
+    "sweep": ("chatvec.cli.cmd_sweep:sweep", "Run a sweep: merges x evaluation x report."),
+    "nightly": ("chatvec.cli.cmd_sweep:nightly", "Run a sweep as tonight's run and check for regressions."),
+    "results": ("chatvec.cli.cmd_sweep:results", "List runs, print a run's summary or compare two runs."),
+    "demo": ("chatvec.cli.cmd_demo:demo", "Merge and evaluate the toy world's chat vector (the main demo)."),
+    "toyworld": (
+        "chatvec.cli.cmd_toyworld:toyworld",
+        "Build the seeded toy world where the chat vector effect is real.",
+    ),
 }
 
 

@@ -10,7 +10,7 @@ Shared infrastructure (no Ray, no evaluation): eval/ may import it.
 
 from __future__ import annotations
 
-from merge.storage import join
+from chatvec.core.storage import join
 
 MODELS = "models"
 VECTORS = "vectors"

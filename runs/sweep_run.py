@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from cluster.run_lock import locked_run
-from cluster.sweep import Sweep, SweepPlan, plan_sweep
-from merge.storage import Store, join
+from chatvec.runs.run_lock import locked_run
+from chatvec.core.storage import Store, join
+from chatvec.runs.sweep import Sweep, SweepPlan, plan_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class SweepOutcome:
     reused: list[str] = field(default_factory=list)
     failed_cells: list[str] = field(default_factory=list)
     previous_run: str | None = None
-    changes: list | None = None  # eval.history.Change, nightly only
+    changes: list | None = None  # chatvec.eval.history.Change, nightly only
 
     @property
     def regressions(self) -> list:
@@ -57,8 +57,8 @@ def first_given(*values):
 
 
 def _merge_all(plan: SweepPlan, *, workers: int, config, device: str, echo, skip=frozenset()) -> list[str]:
-    from cluster.merge_driver import run_merge_job
-    from merge.units import format_size
+    from chatvec.cluster.merge_driver import run_merge_job
+    from chatvec.core.units import format_size
 
     done = []
     # `skip`: points evaluated in-engine (cluster/in_engine.py), which need no checkpoint
@@ -88,7 +88,7 @@ def _evaluate(
     returns (summary table, failed cells)."""
     import pyarrow as pa
 
-    from cluster.eval_driver import run_eval
+    from chatvec.cluster.eval_driver import run_eval
 
     tables, failed = [], []
     engine = sweep.engine or config.eval.engine
@@ -127,7 +127,7 @@ def _evaluate(
                 tables.append(outcome.summary)
             failed += [f"{f.key}: {f.error}" if hasattr(f, "key") else str(f) for f in outcome.failed or []]
     if not tables:
-        from eval.schema import SUMMARY_SCHEMA
+        from chatvec.eval.schema import SUMMARY_SCHEMA
 
         return SUMMARY_SCHEMA.empty_table(), failed
     # each group's summary may repeat cells another group also covers: keep one row per key
@@ -153,10 +153,10 @@ def run_sweep(
 ) -> SweepOutcome:
     """Plan, merge, evaluate, compare (nightly) and report. Rerunning with the same run id
     finishes only what is missing: committed merges and finished cells are kept."""
-    from eval import history
-    from eval.report import ModelInfo, write_report
-    from merge import layout
-    from merge.units import parse_size
+    from chatvec.core import layout
+    from chatvec.core.units import parse_size
+    from chatvec.eval import history
+    from chatvec.eval.report import ModelInfo, write_report
 
     history.check_run_id(run_id)
     root = sweep.root or config.storage.root
@@ -181,7 +181,7 @@ def run_sweep(
             echo(f"  reusing {point.name}: already committed at {point.out_uri}")
     in_engine = None
     if sweep.in_engine:  # checked here, before anything is written or loaded
-        from cluster.in_engine import InEngineRun
+        from chatvec.cluster.in_engine import InEngineRun
 
         in_engine, _checkpointed = InEngineRun.plan(plan, sweep, engine=sweep.engine or config.eval.engine, echo=echo)
 
@@ -239,8 +239,8 @@ def run_sweep(
                 history.load_summary(store, outcome.previous_run), summary, k=k, min_delta=sweep.nightly.min_delta
             )
             # cells both nights scored on the same items are judged item by item (eval/paired.py)
-            from eval.browser import load_samples
-            from eval.paired import pair_changes
+            from chatvec.eval.browser import load_samples
+            from chatvec.eval.paired import pair_changes
 
             check = pair_changes(
                 outcome.changes,

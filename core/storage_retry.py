@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from merge.errors import DiskFullError, StorageError
+from chatvec.core.errors import DiskFullError, StorageError
 
 logger = logging.getLogger(__name__)
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import click
 
-from merge.methods import METHOD_NAMES
+from chatvec.merge.methods import METHOD_NAMES
 
 _DEVICES = click.Choice(["cpu", "cuda", "auto"])
 
 
 def _settings(config_path: str | None):
-    from cluster.config import load_config
+    from chatvec.core.config import load_config
 
     return load_config(config_path)
 
 
 def _run(plan, out: str, *, workers: int | None, device: str | None, overwrite: bool, config_path: str | None):
-    from cluster.merge_driver import run_merge_job
+    from chatvec.cluster.merge_driver import run_merge_job
 
     # read even when the flags give workers and device: merge.lock_ttl_s applies to both paths
     cfg = _settings(config_path)
@@ -30,7 +30,7 @@ def _run(plan, out: str, *, workers: int | None, device: str | None, overwrite: 
 
 
 def _shard_size(text: str | None, config_path: str | None) -> int:
-    from merge.units import parse_size
+    from chatvec.core.units import parse_size
 
     return parse_size(text if text is not None else _settings(config_path).merge.shard_size)
 
@@ -96,7 +96,7 @@ def _with_common(fn):
 @_with_common
 def extract(base, chat, dtype, embeddings, out, shard_size, device, workers, overwrite, allow_pickle, config_path):
     """Write the chat vector CHAT - BASE as a safetensors checkpoint."""
-    from merge.extract import build_extract_plan
+    from chatvec.merge.extract import build_extract_plan
 
     plan = build_extract_plan(
         base,
@@ -171,16 +171,16 @@ def merge(
     config_path,
 ):
     """Merge CP + ratio * (CHAT - BASE) (or a saved vector, or a recipe) into a new checkpoint."""
-    from merge.errors import ConfigError
-    from merge.plan import build_plan
-    from merge.recipe import load_recipe, recipe_from_options
+    from chatvec.core.errors import ConfigError
+    from chatvec.merge.plan import build_plan
+    from chatvec.merge.recipe import load_recipe, recipe_from_options
 
     # the single-vector options, which a recipe or a mergekit config replaces
     single_vector = dict(
         cp=cp, base=base, chat=chat, vector=vector, ratio=ratio, method=method, density=density, seed=seed
     )
     if mergekit_path is not None:
-        from merge.mergekit_config import load_mergekit_config
+        from chatvec.merge.mergekit_config import load_mergekit_config
 
         vector_options = dict(single_vector, embeddings=embeddings, chat_tokens_from_chat=chat_tokens_from_chat)
         clash = _given({"recipe": recipe_path, **vector_options})
