@@ -102,7 +102,7 @@ def merge_engine_available() -> bool:
 
 def merge_with_engine(world: Path, out: Path, ratio: float, embeddings: str) -> Path:
     """CP + ratio * (chat - base) with the project's merge engine."""
-    from chatvec.merge.pipeline import merge_local
+    from chatvec.cluster.merge_driver import run_merge_job
     from chatvec.merge.plan import build_plan
     from chatvec.merge.recipe import Recipe, VectorSpec
 
@@ -112,7 +112,7 @@ def merge_with_engine(world: Path, out: Path, ratio: float, embeddings: str) -> 
         embeddings="skip" if embeddings == "skip" else None,
     )
     plan = build_plan(recipe)
-    merge_local(plan, str(out), progress=False)  # a cache hit when this recipe was merged there before
+    run_merge_job(plan, str(out), progress=False)  # a cache hit when this recipe was merged there before
     return out
 
 

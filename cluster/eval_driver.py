@@ -19,26 +19,28 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from chatvec.core.errors import ConfigError
 from chatvec.core.storage import Store
-from chatvec.eval.pipeline import (
+from chatvec.eval.contracts import (
     FAILED,
     GENERATE,
     JUDGE,
+    Cell,
     CellResult,
     EvalOutcome,
     ModelJob,
     Progress,
     RunContext,
     RunSettings,
-    run_pipeline,
 )
-from chatvec.eval.results import Cell, write_status
+from chatvec.eval.pipeline import run_pipeline
+from chatvec.eval.results import write_status
+from chatvec.eval.runner import LocalCellExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +53,10 @@ class EvalWorker:
         self.run_context = run
         self.store = Store(run.out_uri)  # one per actor process
         self.evaluator = None
+        self.loads: Counter = Counter()  # model URI -> engine loads by this actor
 
     def prepare(self, job: ModelJob) -> dict:
         """Load the job's model, dropping the previous one. A load error is kept for its cells to report."""
-        from chatvec.eval.engines import LOAD_COUNTS
         from chatvec.eval.runner import ModelEvaluator
 
         if self.evaluator is not None:
@@ -66,7 +68,8 @@ class EvalWorker:
             self.evaluator.ensure_loaded()
         except Exception:
             pass  # kept in load_error; each of the model's cells reports it
-        return {"pid": os.getpid(), "loads": dict(LOAD_COUNTS), "error": self.evaluator.load_error}
+        self.loads += self.evaluator.loads
+        return {"pid": os.getpid(), "loads": dict(self.loads), "error": self.evaluator.load_error}
 
     def run(self, cell: Cell) -> CellResult:
         return self.evaluator.run_cell(cell)
@@ -83,13 +86,11 @@ class JudgeWorker:
         self.runner = JudgeRunner(judge, run=run, store=Store(run.out_uri))
 
     def prepare(self, _job: Any) -> dict:
-        from chatvec.eval.engines import LOAD_COUNTS
-
         try:
             self.runner.ensure_loaded()
         except Exception:  # each cell reports it
             pass
-        return {"pid": os.getpid(), "loads": dict(LOAD_COUNTS), "error": self.runner.load_error}
+        return {"pid": os.getpid(), "loads": dict(self.runner.loads), "error": self.runner.load_error}
 
     def run(self, cell: Cell) -> CellResult:
         return self.runner.judge_cell(cell)
@@ -285,6 +286,34 @@ class RayExecutor:
         return got, _sum_loads(counts)
 
 
+def run_settings(
+    config,
+    *,
+    engine: str | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    limit: int | None = None,
+    judge_max_new_tokens: int | None = None,
+) -> RunSettings:
+    """A run's settings from the config's ``eval`` section, each overridden where given: the one
+    place that turns configuration into ``RunSettings`` (plain and in-engine runs alike)."""
+    ev = config.eval
+    engine = engine or ev.engine
+    return RunSettings(
+        engine=engine,
+        device=device or ev.device,
+        dtype=dtype,
+        batch_size=batch_size or ev.batch_size,
+        gpus_per_engine=1 if ev.gpus_per_engine == "auto" else max(1, int(ev.gpus_per_engine)),
+        max_new_tokens=max_new_tokens,
+        limit=limit,
+        judge_max_new_tokens=judge_max_new_tokens or ev.judge_max_new_tokens,
+        engine_options=ev.engine_options(engine),
+    )
+
+
 # -- the entry point ------------------------------------------------------------------------------
 def run_eval(
     models: Mapping[str, str],
@@ -317,25 +346,21 @@ def run_eval(
     from chatvec.core.config import load_config
 
     config = config if config is not None else load_config(None)
-    eval_config = config.eval
-    workers = eval_config.workers if workers is None else workers
-    device = device or eval_config.device
-    engine = engine or eval_config.engine
-    settings = RunSettings(
+    workers = config.eval.workers if workers is None else workers
+    settings = run_settings(
+        config,
         engine=engine,
         device=device,
         dtype=dtype,
-        batch_size=batch_size or eval_config.batch_size,
-        gpus_per_engine=1 if eval_config.gpus_per_engine == "auto" else max(1, int(eval_config.gpus_per_engine)),
+        batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         limit=limit,
-        judge_max_new_tokens=judge_max_new_tokens or eval_config.judge_max_new_tokens,
-        engine_options=eval_config.engine_options(engine),
+        judge_max_new_tokens=judge_max_new_tokens,
     )
     if workers < 0:
         raise ConfigError("--workers must be 0 (in this process) or a positive number of actors")
     # the one place where 0 workers means "in this process, without Ray"
-    executor = None if workers == 0 else RayExecutor(workers, config)
+    executor = LocalCellExecutor() if workers == 0 else RayExecutor(workers, config)
     return run_pipeline(
         models,
         benchmarks=benchmarks,

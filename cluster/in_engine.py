@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,8 +28,7 @@ from typing import Any
 from chatvec.cluster.weight_swap import EXTENSION, fingerprint_identity, load_point, swappable
 from chatvec.core.errors import InputError
 from chatvec.core.storage import Store
-from chatvec.eval.pipeline import CellResult, ModelJob, Progress, RunContext, RunSettings
-from chatvec.eval.results import Cell
+from chatvec.eval.contracts import Cell, CellResult, ModelJob, Progress, RunContext, RunSettings
 
 logger = logging.getLogger(__name__)
 
@@ -105,29 +105,20 @@ class PointEngine:
         self.cp: str | None = None
         self.point: str | None = None
         self.timings = Timings()
+        self.loads: Counter = Counter()  # CP URI -> engine loads
 
     def ensure(self, cp: str) -> None:
         """An engine loaded from ``cp`` (the one held, when it is that CP's)."""
-        from chatvec.eval.engines import load_engine
+        from chatvec.eval.engines import load_engine_for
 
         if self.engine is not None and self.cp != cp:
             self.close()
         if self.engine is None:
-            s = self.settings
             start = time.perf_counter()
-            extra = {"worker_extension": EXTENSION} if s.engine == "vllm" else {}
-            self.engine = load_engine(
-                s.engine,
-                cp,
-                device=s.device,
-                dtype=s.dtype,
-                batch_size=s.batch_size,
-                gpus=s.gpus_per_engine,
-                cache_dir=s.cache_dir,
-                options=s.engine_options,
-                **extra,
-            )
+            extra = {"worker_extension": EXTENSION} if self.settings.engine == "vllm" else {}
+            self.engine = load_engine_for(self.settings, cp, **extra)
             self.cp = cp
+            self.loads[cp] += 1
             self.timings.engine_start += time.perf_counter() - start
             self.timings.starts += 1
 
@@ -193,10 +184,6 @@ class InEngineExecutor:
     def generate(
         self, run: RunContext, jobs: Sequence[ModelJob], progress: Progress
     ) -> tuple[list[CellResult], dict[str, int]]:
-        from chatvec.eval.engines import LOAD_COUNTS
-        from chatvec.eval.runner import loads_since
-
-        before = dict(LOAD_COUNTS)
         store = self.store or Store(run.out_uri)
         holder = PointEngine(run.settings)
         results: list[CellResult] = []
@@ -210,12 +197,12 @@ class InEngineExecutor:
         finally:
             holder.close()
             self.timings.add(holder.timings)
-        return results, loads_since(before)
+        return results, dict(holder.loads)
 
     def judge(self, run: RunContext, judge: str, cells: Sequence[Cell], progress: Progress):
-        from chatvec.eval.runner import InProcessExecutor
+        from chatvec.eval.runner import LocalCellExecutor
 
-        return InProcessExecutor(self.store).judge(run, judge, cells, progress)
+        return LocalCellExecutor(self.store).judge(run, judge, cells, progress)
 
 
 def _by_cp(jobs: Sequence[ModelJob], points: dict[str, Point]) -> list[ModelJob]:
@@ -260,15 +247,13 @@ class InEngineWorker:
     def prepare(self, job: TargetJob) -> dict:
         """Load the target's CP model (kept when it is the one held). A load error is kept: each
         cell then fails with it, as the cells of a model that does not load."""
-        from chatvec.eval.engines import LOAD_COUNTS
-
         self.job, self.current = job, None
         error = None
         try:
             self.holder.ensure(job.cp)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-        return {"pid": os.getpid(), "loads": dict(LOAD_COUNTS), "error": error}
+        return {"pid": os.getpid(), "loads": dict(self.holder.loads), "error": error}
 
     def run(self, cell: Cell) -> CellResult:
         if cell.model != self.current:
@@ -372,18 +357,17 @@ class InEngineRun:
         judge_max_new_tokens=None,
     ):
         """The in-engine models of one evaluation group (the others go through run_eval as usual)."""
+        from chatvec.cluster.eval_driver import run_settings
         from chatvec.eval.pipeline import run_pipeline
 
-        ev = config.eval
-        settings = RunSettings(
+        settings = run_settings(
+            config,
             engine=engine,
-            device=device or ev.device,
-            batch_size=batch_size or ev.batch_size,
-            gpus_per_engine=1 if ev.gpus_per_engine == "auto" else max(1, int(ev.gpus_per_engine)),
+            device=device,
+            batch_size=batch_size,
             max_new_tokens=max_new_tokens,
             limit=limit,
-            engine_options=ev.engine_options(engine),
-            judge_max_new_tokens=judge_max_new_tokens or ev.judge_max_new_tokens,
+            judge_max_new_tokens=judge_max_new_tokens,
         )
         points = {name: self.points[name] for name in models}
         executor = InEngineExecutor(points) if workers == 0 else RayInEngineExecutor(workers, config, points)

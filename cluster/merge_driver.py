@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from chatvec.core.errors import ChatvecError, ConfigError
@@ -396,81 +396,24 @@ class RayShardExecutor:
             self.actor_info.append(info)
 
 
-@dataclass
-class DistributedMerge:
-    """One merge on Ray actors. :func:`run_distributed` is the usual entry point; the object form
-    lets a caller watch the actors (``actors_ready`` is set once they are created)."""
-
-    plan: MergePlan
-    out_uri: str
-    workers: int
-    config: ChatvecConfig
-    device: str = "auto"
-    overwrite: bool = False
-    executor: RayShardExecutor = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.executor = RayShardExecutor(
-            self.plan, self.out_uri, workers=self.workers, config=self.config, device=self.device
-        )
-
-    @property
-    def actors(self) -> list:
-        return self.executor.actors
-
-    @property
-    def actors_ready(self) -> threading.Event:
-        return self.executor.actors_ready
-
-    @property
-    def actor_info(self) -> list[dict]:
-        return self.executor.actor_info
-
-    @property
-    def final_info(self) -> list[dict]:
-        return self.executor.final_info
-
-    @property
-    def timings(self) -> dict[str, float]:
-        return self.executor.timings
-
-    def run(self, progress: bool = True) -> MergeSummary:
-        from chatvec.core.storage import Store
-        from chatvec.merge.pipeline import run_merge
-
-        return run_merge(
-            self.plan,
-            Store(self.out_uri),
-            lambda: self.executor,
-            overwrite=self.overwrite,
-            lock_ttl_s=self.config.merge.lock_ttl_s,
-            progress=progress,
-        )
-
-
-def run_distributed(
-    plan: MergePlan, out_uri: str, *, workers: int, config: ChatvecConfig, device: str, overwrite: bool
-) -> MergeSummary:
-    """Merge `plan` into `out_uri` with `workers` Ray actors; see the module docstring."""
-    return DistributedMerge(plan, out_uri, workers=workers, config=config, device=device, overwrite=overwrite).run()
-
-
 def run_merge_job(
     plan: MergePlan,
     out_uri: str,
     *,
-    workers: int,
-    device: str,
-    overwrite: bool,
-    config: ChatvecConfig,
+    workers: int = 0,
+    device: str = "auto",
+    overwrite: bool = False,
+    config: ChatvecConfig | None = None,
     progress: bool = True,
 ) -> MergeSummary:
     """The one place that decides where shards run: `workers` 0 in this process (no Ray is
     imported), N on N Ray actors. Either way the same sequence (merge/pipeline.py), the same
     lock TTL (merge.lock_ttl_s), clean-up and `overwrite` handling."""
+    from chatvec.core.config import load_config
     from chatvec.core.storage import Store
-    from chatvec.merge.pipeline import InProcessExecutor, run_merge
+    from chatvec.merge.pipeline import LocalShardExecutor, run_merge
 
+    config = config if config is not None else load_config(None)
     out = Store(out_uri)
     if workers == 0:
         from chatvec.merge.kernels import resolve_compute_device
@@ -478,7 +421,7 @@ def run_merge_job(
         local_device = resolve_compute_device(device)
 
         def make_executor():
-            return InProcessExecutor(plan, out, local_device)
+            return LocalShardExecutor(plan, out, local_device)
     else:
         executor = RayShardExecutor(plan, out_uri, workers=workers, config=config, device=device)
 

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 from tqdm.auto import tqdm
 
 from chatvec.core.errors import ChatvecError
-from chatvec.eval.judging import JudgeReply
+from chatvec.eval.contracts import JudgeReply
 
 logger = logging.getLogger(__name__)
 

@@ -62,14 +62,6 @@ def parquet_problem(store: Store, rel: str, schema: pa.Schema | None = None) -> 
     return table, None
 
 
-def read_parquet_checked(store: Store, rel: str, schema: pa.Schema | None = None) -> pa.Table | None:
-    """The table, or None (with a warning naming the file) when it is missing or broken."""
-    table, problem = parquet_problem(store, rel, schema)
-    if problem:
-        logger.warning("%s is %s; leaving it out", store.describe(rel), problem)
-    return table
-
-
 def json_problem(store: Store, rel: str) -> tuple[dict | None, str | None]:
     try:
         text = store.read_text(rel)

@@ -29,8 +29,7 @@ from chatvec.core.errors import ChatvecError, InputError
 from chatvec.core.layout import RESULTS, RUN_PREFIX, results_uri, run_results_uri
 from chatvec.core.storage import Store
 from chatvec.eval.results import RUN_FILE as EVAL_RUN_FILE
-from chatvec.eval.results import SUMMARY_FILE, as_store, read_table
-from chatvec.eval.results import write_summary as write_run_summary
+from chatvec.eval.results import SUMMARY_FILE, as_store, read_table, write_summary
 
 logger = logging.getLogger(__name__)
 
@@ -192,9 +191,9 @@ def load_summary(root: Store | str, run_id: str) -> pa.Table:
     return _read_parquet(store, rel)
 
 
-def write_summary(root: Store | str, run_id: str, table: pa.Table) -> str:
+def write_run_summary(root: Store | str, run_id: str, table: pa.Table) -> str:
     """A run's summary into its folder under the root (chatvec.eval.results.write_summary does the writing)."""
-    return write_run_summary(as_store(root), table, folder=_run_rel(run_id))
+    return write_summary(as_store(root), table, folder=_run_rel(run_id))
 
 
 def load_summaries(root: Store | str, run_ids: Iterable[str] | None = None) -> pa.Table:

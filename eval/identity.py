@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from chatvec.eval.benchmarks import BenchmarkSpec
-    from chatvec.eval.pipeline import RunSettings
+    from chatvec.eval.contracts import RunSettings
 
 logger = logging.getLogger(__name__)
 

@@ -16,59 +16,30 @@ a rerun: stable, and never a secret (no API key in it).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 from chatvec.core.errors import InputError
+from chatvec.eval.contracts import JudgeBackend, JudgeReply
 
 if TYPE_CHECKING:
-    from chatvec.eval.pipeline import RunSettings
+    from chatvec.eval.contracts import RunSettings
 
 logger = logging.getLogger(__name__)
 
 API_PREFIX = "openai:"
 
 
-@dataclass
-class JudgeReply:
-    text: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None  # the request failed (after any retries); ``text`` is then empty
-
-
-@runtime_checkable
-class JudgeBackend(Protocol):
-    identity: str
-
-    def judge(self, prompts: list[str], *, max_new_tokens: int, progress: bool = False) -> list[JudgeReply]:
-        """One reply per prompt, in prompt order."""
-        ...
-
-    def close(self) -> None: ...
-
-
 class LocalJudge:
     """A judge model in one of our engines (``settings.engine``), loaded when constructed."""
 
     def __init__(self, uri: str, settings: RunSettings) -> None:
-        from chatvec.eval.engines import load_engine
+        from chatvec.eval.engines import load_engine_for
         from chatvec.eval.prompts import Prompts
 
         self.uri = uri
         self.identity = uri
         self.settings = settings
-        s = settings
-        self.engine = load_engine(
-            s.engine,
-            uri,
-            device=s.device,
-            dtype=s.dtype,
-            batch_size=s.batch_size,
-            gpus=s.gpus_per_engine,
-            cache_dir=s.cache_dir,
-            options=s.engine_options,
-        )
+        self.engine = load_engine_for(settings, uri)
         self.prompts = Prompts(self.engine.tokenizer, model_name=f"judge {uri}")
 
     def judge(self, prompts: list[str], *, max_new_tokens: int, progress: bool = False) -> list[JudgeReply]:

@@ -11,28 +11,37 @@ The unit of work is a *cell*, (model, language, benchmark). ``run_pipeline`` is 
    waits for it (or was judged by another judge), rewriting those cells' files;
 4. summarize: the summary table, written to ``summary.parquet``.
 
-Where the cells run is a ``CellExecutor``: ``chatvec.eval.runner.InProcessExecutor`` runs them in this
-process; ``chatvec.cluster.eval_driver.RayExecutor`` on Ray actors. An executor only schedules: what a
+Where the cells run is a ``CellExecutor`` (``chatvec.eval.contracts``), chosen by the caller:
+``chatvec.eval.runner.LocalCellExecutor`` runs them in this process;
+``chatvec.cluster.eval_driver.RayExecutor`` on Ray actors. An executor only schedules: what a
 cell does is ``chatvec.eval.runner.ModelEvaluator`` / ``JudgeRunner`` in both.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import pyarrow as pa
 
 from chatvec.core.errors import InputError
 from chatvec.core.storage import Store
 from chatvec.eval.benchmarks import BenchmarkSpec, check_name, filter_languages, resolve_benchmarks
+from chatvec.eval.contracts import (
+    GENERATE,
+    SKIPPED,
+    Cell,
+    CellExecutor,
+    CellResult,
+    EvalOutcome,
+    ModelJob,
+    Progress,
+    RunContext,
+    RunSettings,
+)
 from chatvec.eval.identity import CellIdentity, cell_identity, model_identity
 from chatvec.eval.preflight import check_models
 from chatvec.eval.results import (
-    Cell,
     claim_run,
     identity_of,
     read_cell_identity,
@@ -44,141 +53,6 @@ from chatvec.eval.results import (
 from chatvec.eval.schema import NEEDS_JUDGE, NOT_JUDGED, PENDING, samples_table
 
 logger = logging.getLogger(__name__)
-
-DONE, FAILED, SKIPPED = "done", "failed", "skipped"
-GENERATE, JUDGE = "generate", "judge"
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """Run-wide settings that travel with the work to wherever it runs."""
-
-    engine: str = "hf"
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 16
-    gpus_per_engine: int = 1  # vLLM tensor_parallel_size
-    max_new_tokens: int | None = None  # caps every benchmark's own setting, and the judge's (quick runs)
-    judge_max_new_tokens: int = 2048  # room for a judge that reasons before it rates
-    limit: int | None = None  # at most this many items per cell
-    cache_dir: str | None = None  # local copies of remote models
-    progress: bool = False  # per-batch progress bars inside a cell
-    engine_options: dict = field(default_factory=dict)  # the engine's own settings (eval.vllm of the config)
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """What every evaluator of a run needs, wherever it runs (picklable: it goes to actors)."""
-
-    out_uri: str
-    run_id: str
-    settings: RunSettings
-    languages: tuple[str, ...]  # every language of the run (language detection compares them)
-    judged: bool  # a judge will score the judged metrics
-    judge_identity: str | None = None  # recorded in the identity of judged cells
-
-
-@dataclass
-class ModelJob:
-    """One model's cells, run by one evaluator that loads the model once."""
-
-    model: str
-    uri: str
-    cells: list[Cell]
-    identity: str | None = None  # chatvec.eval.identity.model_identity, or a merge fingerprint for swapped weights
-
-
-@dataclass
-class CellResult:
-    model: str
-    language: str
-    benchmark: str
-    state: str  # done, failed, skipped
-    stage: str  # generate or judge
-    error: str | None = None
-    rows: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    seconds: float = 0.0
-
-    @property
-    def key(self) -> str:
-        return f"{self.model}/{self.language}/{self.benchmark}"
-
-    @classmethod
-    def of(cls, cell: Cell, state: str, stage: str, **kw) -> CellResult:
-        return cls(cell.model, cell.language, cell.benchmark, state, stage, **kw)
-
-
-@dataclass
-class EvalOutcome:
-    run_id: str
-    out_uri: str
-    summary: pa.Table
-    results: list[CellResult] = field(default_factory=list)
-    loads: dict[str, int] = field(default_factory=dict)  # model URI -> engine loads this run
-    cells: int = 0
-    redone: dict[str, list[str]] = field(default_factory=dict)  # cell key -> why it was computed again
-
-    @property
-    def failed(self) -> list[CellResult]:
-        return [r for r in self.results if r.state == FAILED]
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    @property
-    def counts(self) -> dict[str, int]:
-        gen = [r for r in self.results if r.stage == GENERATE]
-        return {
-            "cells": self.cells,
-            "generated": sum(r.state == DONE for r in gen),
-            "skipped": sum(r.state == SKIPPED for r in gen),
-            "judged": sum(r.state == DONE for r in self.results if r.stage == JUDGE),
-            "failed": len(self.failed),
-            "prompt_tokens": sum(r.prompt_tokens for r in self.results),
-            "completion_tokens": sum(r.completion_tokens for r in self.results),
-        }
-
-
-class Progress:
-    """Cells done / total and tokens per second, on one tqdm bar."""
-
-    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, unit="cell", disable=not enabled or total == 0)
-        self.start = time.perf_counter()
-        self.tokens = 0
-        self.failed = 0
-
-    def update(self, result: CellResult) -> None:
-        self.tokens += result.prompt_tokens + result.completion_tokens
-        self.failed += result.state == FAILED
-        rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{rate:,.0f} tok/s" + (f", {self.failed} failed" if self.failed else ""))
-        self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-class CellExecutor(Protocol):
-    """Runs cells somewhere. Each method returns the cells' results and the engine loads it made
-    (model URI -> count)."""
-
-    def start(self, settings: RunSettings) -> RunSettings:
-        """Get ready (start Ray, check resources); may adjust the settings to what it found."""
-        ...
-
-    def generate(
-        self, run: RunContext, jobs: Sequence[ModelJob], progress: Progress
-    ) -> tuple[list[CellResult], dict[str, int]]: ...
-
-    def judge(
-        self, run: RunContext, judge: str, cells: Sequence[Cell], progress: Progress
-    ) -> tuple[list[CellResult], dict[str, int]]: ...
 
 
 # -- planning -------------------------------------------------------------------------------------
@@ -218,15 +92,6 @@ def plan_run(
     items = check_benchmark_data(cells)
     check_models(models)  # unusable model folders fail the run before any model loads
     return claim_run(store, run_id), cells, items
-
-
-def prepare_run(
-    models: Mapping[str, str], *, benchmarks=None, languages=None, out_uri: str | Store, run_id: str | None = None
-) -> tuple[str, list[Cell]]:
-    """``plan_run`` for callers that drive the evaluators themselves: (run id, cells)."""
-    store = out_uri if isinstance(out_uri, Store) else Store(out_uri)
-    run_id, cells, _items = plan_run(models, benchmarks=benchmarks, languages=languages, store=store, run_id=run_id)
-    return run_id, cells
 
 
 def planned_identities(
@@ -352,21 +217,17 @@ def run_pipeline(
     out_uri: str,
     run_id: str | None = None,
     settings: RunSettings = RunSettings(),  # noqa: B008 - frozen, so one shared default is safe
-    executor: CellExecutor | None = None,
+    executor: CellExecutor,
     show_progress: bool = True,
     model_identities: Mapping[str, str] | None = None,
 ) -> EvalOutcome:
     """Evaluate ``models`` ({name: uri}) on benchmarks x languages into ``out_uri``, cells run by
-    ``executor`` (default: in this process). ``model_identities`` overrides the identity of named
+    ``executor``. ``model_identities`` overrides the identity of named
     models (weights swapped into an engine carry their merge fingerprint)."""
     from chatvec.eval.judging import judge_identity
 
     models, judge, out_uri = absolute_run_args(models, judge, out_uri)
     store = Store(out_uri)  # the run's one Store for its output
-    if executor is None:
-        from chatvec.eval.runner import InProcessExecutor
-
-        executor = InProcessExecutor(store)
     run_id, cells, items = plan_run(models, benchmarks=benchmarks, languages=languages, store=store, run_id=run_id)
     ids = {m: (model_identities or {}).get(m) or model_identity(uri) for m, uri in models.items()}
     planned = planned_identities(cells, items, ids, settings)

@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -26,6 +25,7 @@ import pyarrow.parquet as pq
 
 from chatvec.core.errors import InputError
 from chatvec.core.storage import Store
+from chatvec.eval.contracts import Cell
 from chatvec.eval.errors import NewerSchemaError
 from chatvec.eval.identity import METADATA_KEY, CellIdentity
 from chatvec.eval.schema import SAMPLES_SCHEMA, SCHEMA_VERSION, VERSION_KEY, summary_table
@@ -34,32 +34,6 @@ logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.parquet"
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One (model, language, benchmark) unit of work and of output."""
-
-    model: str
-    language: str
-    benchmark: str
-    # the benchmark's spec travels with the cell so an actor needs nothing else to run it
-    spec: object = field(default=None, compare=False, hash=False, repr=False)
-
-    @property
-    def key(self) -> str:
-        return f"{self.model}/{self.language}/{self.benchmark}"
-
-    def _rel(self, top: str, ext: str) -> str:
-        return f"{top}/model={self.model}/language={self.language}/benchmark={self.benchmark}.{ext}"
-
-    @property
-    def samples_rel(self) -> str:
-        return self._rel("samples", "parquet")
-
-    @property
-    def status_rel(self) -> str:
-        return self._rel("status", "json")
 
 
 def now() -> datetime:

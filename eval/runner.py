@@ -1,5 +1,5 @@
 """What a cell does, wherever it runs: the evaluator (one model's cells) and the judge runner
-(the judge phase of whole cells), plus the in-process executor that runs them in this process.
+(the judge phase of whole cells), plus ``LocalCellExecutor``, which runs them in this process.
 
 The Ray actors in ``cluster/eval_driver.py`` hold the same two classes; the sequence of phases
 is ``chatvec.eval.pipeline.run_pipeline``. A failure inside a cell (an exception, a model that does not
@@ -12,30 +12,29 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 from chatvec.core.errors import DiskFullError
 from chatvec.core.storage import Store
 from chatvec.eval.benchmarks import BenchmarkSpec
-from chatvec.eval.engines.base import Engine
-from chatvec.eval.identity import CellIdentity, cell_identity, model_identity
-from chatvec.eval.pipeline import (  # noqa: F401  (the names tests and callers know this module by)
+from chatvec.eval.contracts import (
     DONE,
     FAILED,
     GENERATE,
     JUDGE,
     SKIPPED,
+    Cell,
     CellResult,
-    EvalOutcome,
+    JudgeBackend,
     ModelJob,
     Progress,
     RunContext,
     RunSettings,
-    plan_cells,
-    prepare_run,
-    run_pipeline,
 )
-from chatvec.eval.results import Cell, elapsed, identity_of, now, read_samples, write_samples, write_status
+from chatvec.eval.engines.base import Engine
+from chatvec.eval.identity import CellIdentity, cell_identity, model_identity
+from chatvec.eval.results import elapsed, identity_of, now, read_samples, write_samples, write_status
 from chatvec.eval.schema import JUDGE_ERROR, NEEDS_JUDGE, NOT_JUDGED, samples_table
 
 logger = logging.getLogger(__name__)
@@ -46,22 +45,12 @@ def error_text(exc: BaseException) -> str:
     return text if len(text) < 2000 else text[:2000] + " ..."
 
 
-def _context_from(out_uri, run_id, settings, languages, judge) -> RunContext:
-    """The run's context from separate arguments, for callers that build an evaluator by hand."""
-    return RunContext(
-        out_uri=out_uri,
-        run_id=run_id,
-        settings=settings or RunSettings(),
-        languages=tuple(sorted(set(languages or ()))),
-        judged=bool(judge),
-    )
-
-
 class _LoadedOnce:
     """Something loaded once (a model's engine, a judge) and used for a series of cells. A load
     that failed is not tried again for every cell: each of them reports the first error."""
 
     load_error: str | None = None
+    loads: Counter  # model URI -> loads this object made (an engine it was handed counts none)
 
     def _loaded(self) -> bool:
         raise NotImplementedError
@@ -85,6 +74,10 @@ class _LoadedOnce:
         except Exception as exc:
             self.load_error = error_text(exc)
             raise
+        self._count_load()
+
+    def _count_load(self) -> None:
+        raise NotImplementedError
 
     def run_all(self, cells: Sequence[Cell], on_result=None) -> list[CellResult]:
         out = []
@@ -103,7 +96,7 @@ class ModelEvaluator(_LoadedOnce):
     ``engine``: an engine that is already loaded (weights swapped in place for an in-engine sweep):
     it is used as is and left open by ``close``. ``engine_factory``: how to load one (default:
     ``settings.engine`` on ``uri``). ``identity``: the model's identity recorded with each cell
-    (default: computed from the files at ``uri``).
+    (default: computed from the files at ``uri``). ``loads`` counts the engines it loaded.
     """
 
     def __init__(
@@ -111,18 +104,13 @@ class ModelEvaluator(_LoadedOnce):
         model: str,
         uri: str,
         *,
-        run: RunContext | None = None,
-        out_uri: str | None = None,
-        run_id: str | None = None,
-        settings: RunSettings | None = None,
-        languages: Sequence[str] = (),
-        judge: bool = False,
+        run: RunContext,
         store: Store | None = None,
         identity: str | None = None,
         engine: Engine | None = None,
         engine_factory: Callable[[], Engine] | None = None,
     ) -> None:
-        self.run = run or _context_from(out_uri, run_id, settings, languages, judge)
+        self.run = run
         self.model, self.uri = model, uri
         self.settings = self.run.settings
         self.store = store or Store(self.run.out_uri)
@@ -131,26 +119,20 @@ class ModelEvaluator(_LoadedOnce):
         self._owns_engine = engine is None
         self._factory = engine_factory or self._load_engine
         self.load_error: str | None = None
+        self.loads: Counter = Counter()
         self._scorers: dict[tuple, object] = {}
 
     # -- the engine -------------------------------------------------------------------------------
     def _load_engine(self) -> Engine:
-        from chatvec.eval.engines import load_engine
+        from chatvec.eval.engines import load_engine_for
 
-        s = self.settings
-        return load_engine(
-            s.engine,
-            self.uri,
-            device=s.device,
-            dtype=s.dtype,
-            batch_size=s.batch_size,
-            gpus=s.gpus_per_engine,
-            cache_dir=s.cache_dir,
-            options=s.engine_options,
-        )
+        return load_engine_for(self.settings, self.uri)
 
     def load(self) -> None:
         self.engine = self._factory()
+
+    def _count_load(self) -> None:
+        self.loads[self.uri] += 1
 
     def _loaded(self) -> bool:
         return self.engine is not None
@@ -281,23 +263,16 @@ class JudgeRunner(_LoadedOnce):
     run's (its recorded identity says so), every judged row is judged again."""
 
     def __init__(
-        self,
-        judge: str,
-        *,
-        run: RunContext | None = None,
-        out_uri: str | None = None,
-        run_id: str | None = None,
-        settings: RunSettings | None = None,
-        store: Store | None = None,
-        backend=None,
+        self, judge: str, *, run: RunContext, store: Store | None = None, backend: JudgeBackend | None = None
     ) -> None:
+        """``backend``: a judge backend made already (``judge`` then only names it)."""
         self.spec = judge
-        self.uri = judge  # kept for callers that name the judge by its URI
-        self.run = run or _context_from(out_uri, run_id, settings, (), True)
+        self.run = run
         self.settings = self.run.settings
         self.store = store or Store(self.run.out_uri)
         self.backend = backend
         self.load_error: str | None = None
+        self.loads: Counter = Counter()
 
     @property
     def engine(self):
@@ -308,6 +283,10 @@ class JudgeRunner(_LoadedOnce):
         from chatvec.eval.judging import make_judge
 
         self.backend = make_judge(self.spec, self.settings)
+
+    def _count_load(self) -> None:
+        if self.engine is not None:  # a local judge model; an API judge loads nothing
+            self.loads[self.spec] += 1
 
     def _loaded(self) -> bool:
         return self.backend is not None
@@ -397,14 +376,7 @@ class JudgeRunner(_LoadedOnce):
 
 
 # -- in this process ------------------------------------------------------------------------------
-def loads_since(before: Mapping[str, int]) -> dict[str, int]:
-    """Engine loads in this process since ``before`` (a copy of chatvec.eval.engines.LOAD_COUNTS), by model URI."""
-    from chatvec.eval.engines import LOAD_COUNTS
-
-    return {uri: LOAD_COUNTS[uri] - before.get(uri, 0) for uri in LOAD_COUNTS if LOAD_COUNTS[uri] - before.get(uri, 0)}
-
-
-class InProcessExecutor:
+class LocalCellExecutor:
     """Runs every cell in this process, one model at a time (``--workers 0``), on the run's Store."""
 
     def __init__(self, store: Store | None = None) -> None:
@@ -421,53 +393,24 @@ class InProcessExecutor:
     def generate(
         self, run: RunContext, jobs: Sequence[ModelJob], progress: Progress
     ) -> tuple[list[CellResult], dict[str, int]]:
-        from chatvec.eval.engines import LOAD_COUNTS
-
-        before = dict(LOAD_COUNTS)
         store = self._store(run)
         results: list[CellResult] = []
+        loads: Counter = Counter()
         for job in jobs:
             evaluator = ModelEvaluator(job.model, job.uri, run=run, store=store, identity=job.identity)
             try:
                 results += evaluator.run_all(job.cells, on_result=progress.update)
             finally:
                 evaluator.close()
-        return results, loads_since(before)
+                loads += evaluator.loads
+        return results, dict(loads)
 
     def judge(
         self, run: RunContext, judge: str, cells: Sequence[Cell], progress: Progress
     ) -> tuple[list[CellResult], dict[str, int]]:
-        from chatvec.eval.engines import LOAD_COUNTS
-
-        before = dict(LOAD_COUNTS)
         runner = JudgeRunner(judge, run=run, store=self._store(run))
         try:
             results = runner.run_all(cells, on_result=progress.update)
         finally:
             runner.close()
-        return results, loads_since(before)
-
-
-def run_in_process(
-    models: Mapping[str, str],
-    *,
-    benchmarks=None,
-    languages=None,
-    judge: str | None = None,
-    out_uri: str,
-    run_id: str | None = None,
-    settings: RunSettings = RunSettings(),  # noqa: B008 - frozen, so one shared default is safe
-    show_progress: bool = True,
-) -> EvalOutcome:
-    """The whole run in this process, one model at a time (``--workers 0``)."""
-    return run_pipeline(
-        models,
-        benchmarks=benchmarks,
-        languages=languages,
-        judge=judge,
-        out_uri=out_uri,
-        run_id=run_id,
-        settings=settings,
-        executor=None,
-        show_progress=show_progress,
-    )
+        return results, dict(runner.loads)

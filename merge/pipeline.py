@@ -50,7 +50,7 @@ class ShardExecutor(Protocol):
         ...
 
 
-class InProcessExecutor:
+class LocalShardExecutor:
     """Shards one after the other in this process; each shard's stages run in threads
     (merge/shard_writer.py)."""
 
@@ -142,27 +142,6 @@ def run_merge(
         False,
         ",".join(devices) or "none",
         dict(by_worker),
-    )
-
-
-def merge_local(
-    plan: MergePlan,
-    out_uri: str,
-    *,
-    device: str = "cpu",
-    overwrite: bool = False,
-    progress: bool = True,
-    lock_ttl_s: float = DEFAULT_TTL_S,
-) -> MergeSummary:
-    """Merge in this process, without Ray."""
-    out = Store(out_uri)
-    return run_merge(
-        plan,
-        out,
-        lambda: InProcessExecutor(plan, out, device),
-        overwrite=overwrite,
-        lock_ttl_s=lock_ttl_s,
-        progress=progress,
     )
 
 

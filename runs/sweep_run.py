@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from chatvec.runs.run_lock import locked_run
 from chatvec.core.storage import Store, join
+from chatvec.runs.run_lock import locked_run
 from chatvec.runs.sweep import Sweep, SweepPlan, plan_sweep
 
 logger = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def run_sweep(
         info.update(status="failed", finished_at=_now(), error=f"{type(exc).__name__}: {exc}")
         history.write_run_info(store, run_id, info)
         raise
-    history.write_summary(store, run_id, summary)
+    history.write_run_summary(store, run_id, summary)
 
     outcome = SweepOutcome(
         run_id=run_id,

@@ -135,7 +135,7 @@ def ray_cluster(s3_server, ray_auth_env, tmp_path_factory):
         include_dashboard=False,
         namespace="chatvec-tests",
         _temp_dir=str(temp),
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}},
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
     )
     try:
         yield ray

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray_merge import WatchedMerge
 
-from chatvec.cluster.merge_driver import DistributedMerge, run_distributed
+from chatvec.cluster.merge_driver import run_merge_job
 from chatvec.core.config import ChatvecConfig
 from chatvec.core.errors import ConfigError
 from chatvec.core.lock import OutputLockedError
@@ -80,7 +81,7 @@ def triple(tmp_path_factory):
 
 def test_two_actors_on_logical_gpus_give_the_reference_numbers(ray_cluster, triple, tmp_path, caplog):
     out = str(tmp_path / "merged")
-    merge = DistributedMerge(make_plan(triple), out, workers=2, config=make_config(gpus_per_worker=1), device="auto")
+    merge = WatchedMerge(make_plan(triple), out, workers=2, config=make_config(gpus_per_worker=1), device="auto")
     summary = merge.run()
     assert not summary.cached and summary.shards_resumed == 0
     assert summary.shards_written == len(merge.plan.shards) > 2
@@ -104,7 +105,7 @@ def test_s3_inputs_and_output_through_two_actors(ray_cluster, s3_server, triple)
         role: s3_server.upload_dir(getattr(triple, role), f"{bucket}/in/{role}") for role in ("cp", "base", "chat")
     }
     out = f"{bucket}/models/merged"
-    summary = run_distributed(
+    summary = run_merge_job(
         make_plan(triple, inputs=inputs),
         out,
         workers=2,
@@ -120,12 +121,12 @@ def test_s3_inputs_and_output_through_two_actors(ray_cluster, s3_server, triple)
 def test_same_recipe_again_is_answered_from_the_store(ray_cluster, triple, tmp_path):
     out = str(tmp_path / "merged")
     config = make_config(gpus_per_worker=0)
-    first = run_distributed(make_plan(triple), out, workers=2, config=config, device="cpu", overwrite=False)
+    first = run_merge_job(make_plan(triple), out, workers=2, config=config, device="cpu", overwrite=False)
     assert not first.cached
     store = Store(out)
     before = {rel: store.mtime(rel) for rel in store.list()}
 
-    again = DistributedMerge(make_plan(triple), out, workers=2, config=config, device="cpu")
+    again = WatchedMerge(make_plan(triple), out, workers=2, config=config, device="cpu")
     summary = again.run()
     assert summary.cached and summary.shards_written == 0
     assert again.actors == []  # no actor was started
@@ -135,14 +136,14 @@ def test_same_recipe_again_is_answered_from_the_store(ray_cluster, triple, tmp_p
 def test_second_merge_into_the_same_output_is_refused(ray_cluster, triple, tmp_path):
     out = str(tmp_path / "merged")
     config = make_config(gpus_per_worker=0)
-    first = DistributedMerge(make_plan(triple), out, workers=1, config=config, device="cpu")
+    first = WatchedMerge(make_plan(triple), out, workers=1, config=config, device="cpu")
     outcome: dict = {}
     thread = threading.Thread(target=lambda: outcome.setdefault("summary", first.run()))
     thread.start()
     try:
         assert first.actors_ready.wait(120), "the first merge never started its actors"
         with pytest.raises(OutputLockedError, match="being written by another merge"):
-            run_distributed(make_plan(triple), out, workers=1, config=config, device="cpu", overwrite=False)
+            run_merge_job(make_plan(triple), out, workers=1, config=config, device="cpu", overwrite=False)
     finally:
         thread.join(180)
     assert outcome["summary"].shards_written == len(first.plan.shards)
@@ -152,7 +153,7 @@ def test_second_merge_into_the_same_output_is_refused(ray_cluster, triple, tmp_p
 def test_more_gpus_per_actor_than_the_cluster_has_is_a_config_error(ray_cluster, triple, tmp_path):
     out = tmp_path / "merged"
     with pytest.raises(ConfigError, match="gpus_per_worker"):
-        run_distributed(
+        run_merge_job(
             make_plan(triple),
             str(out),
             workers=2,
@@ -169,9 +170,7 @@ def test_two_shards_on_two_actors_go_to_both(ray_cluster, triple, tmp_path):
     plan = make_plan(triple, shard_size=total * 6 // 10)
     assert len(plan.shards) == 2
     out = str(tmp_path / "merged")
-    summary = run_distributed(
-        plan, out, workers=2, config=make_config(gpus_per_worker=0), device="cpu", overwrite=False
-    )
+    summary = run_merge_job(plan, out, workers=2, config=make_config(gpus_per_worker=0), device="cpu", overwrite=False)
     manifest = json.loads(Store(out).read_text("chatvec_manifest.json"))
     writers = [manifest["files"][s.filename]["written_by"] for s in plan.shards]
     assert all(w.startswith("merge actor ") for w in writers)

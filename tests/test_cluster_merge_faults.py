@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from ray_merge import WatchedMerge
 from test_cluster_merge import RATIO, make_config, make_plan, output_files
 
-from chatvec.cluster.merge_driver import DistributedMerge
 from chatvec.core.storage import Store
 from chatvec.merge.output import INDEX, MANIFEST
 from chatvec.merge.shard_writer import RECORDS
@@ -32,10 +31,10 @@ def big_triple(tmp_path_factory):
 
 def reference(triple, tmp: Path, shard_size: str) -> dict[str, bytes]:
     """An undisturbed merge of the same plan, in-process (--workers 0)."""
-    from chatvec.merge.pipeline import merge_local
+    from chatvec.cluster.merge_driver import run_merge_job
 
     out = str(tmp / f"reference-{shard_size}")
-    merge_local(make_plan(triple, shard_size=shard_size), out, device="cpu", progress=False)
+    run_merge_job(make_plan(triple, shard_size=shard_size), out, device="cpu", progress=False)
     return output_files(out)
 
 
@@ -62,7 +61,7 @@ def test_actor_killed_mid_shard_is_restarted_and_output_is_identical(ray_cluster
     # window, so try a few times (each attempt is a full, checked merge either way).
     for attempt in range(4):
         out = tmp_path / f"merged-{attempt}"
-        merge = DistributedMerge(
+        merge = WatchedMerge(
             make_plan(big_triple, shard_size=shard_size),
             str(out),
             workers=2,
@@ -134,7 +133,7 @@ def test_driver_killed_mid_merge_then_rerun_resumes_identically(ray_cluster, big
     config.write_text("merge:\n  gpus_per_worker: 0\n  cpus_per_worker: 1\n")
     # The driver joins the session's Ray (as `ray job submit` would make it) instead of starting
     # its own; it inherits the session's auth token from the environment.
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     out = tmp_path / "merged"
     records = out / RECORDS
     for attempt in range(3):

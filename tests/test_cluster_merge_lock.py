@@ -92,9 +92,7 @@ def test_lock_of_a_killed_process_on_this_host_is_taken_at_once(tmp_path):
         "print('locked', flush=True)\n"
         "time.sleep(600)\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)}
-    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, env={**os.environ})
     try:
         assert proc.stdout.readline().strip() == b"locked"
         with pytest.raises(OutputLockedError):

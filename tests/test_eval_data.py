@@ -13,7 +13,7 @@ from chatvec.eval.benchmarks import BenchmarkSpec, parse_benchmark, resolve_benc
 from chatvec.eval.errors import BenchmarkDataError
 from chatvec.eval.items import load_items
 from chatvec.eval.kinds import get_kind, kind_names
-from chatvec.eval.runner import plan_cells
+from chatvec.eval.pipeline import plan_cells
 
 LANGS = {"en", "zh-Hant", "zh-Hans", "ko", "ja"}
 

@@ -14,11 +14,11 @@ torch.set_num_threads(1)
 from chatvec.core.errors import InputError  # noqa: E402
 from chatvec.demo.tiny import build_model_dir  # noqa: E402
 from chatvec.eval.benchmarks import BenchmarkSpec, shipped_benchmarks  # noqa: E402
+from chatvec.eval.contracts import Cell, RunSettings  # noqa: E402
 from chatvec.eval.engines import Decoding, GenerationRequest, LoglikelihoodRequest, load_engine  # noqa: E402
 from chatvec.eval.items import load_items  # noqa: E402
 from chatvec.eval.prompts import PLAIN_ASSISTANT, Prompts  # noqa: E402
-from chatvec.eval.results import Cell  # noqa: E402
-from chatvec.eval.runner import ModelEvaluator, RunSettings  # noqa: E402
+from chatvec.eval.runner import ModelEvaluator  # noqa: E402
 
 QUESTIONS = [
     "hello",

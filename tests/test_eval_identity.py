@@ -16,10 +16,17 @@ torch.set_num_threads(1)
 from chatvec.core.layout import MANIFEST  # noqa: E402
 from chatvec.core.storage import Store  # noqa: E402
 from chatvec.demo.tiny import build_model_dir  # noqa: E402
+from chatvec.eval.contracts import (  # noqa: E402
+    DONE,
+    SKIPPED,
+    Cell,  # noqa: E402
+    RunSettings,
+)
 from chatvec.eval.errors import NewerSchemaError  # noqa: E402
 from chatvec.eval.identity import CellIdentity, engine_identity, model_identity  # noqa: E402
-from chatvec.eval.results import Cell, read_cell_identity, read_table  # noqa: E402
-from chatvec.eval.runner import DONE, SKIPPED, RunSettings, run_in_process  # noqa: E402
+from chatvec.eval.pipeline import run_pipeline  # noqa: E402
+from chatvec.eval.results import read_cell_identity, read_table  # noqa: E402
+from chatvec.eval.runner import LocalCellExecutor  # noqa: E402
 from chatvec.eval.schema import JUDGED, SAMPLES_SCHEMA, VERSION_KEY  # noqa: E402
 
 SETTINGS = RunSettings(device="cpu", batch_size=4, max_new_tokens=4)
@@ -41,8 +48,9 @@ def write_questions(path, questions):
 
 
 def run(model_dir, out, benchmarks, *, settings=SETTINGS, judge=None):
-    return run_in_process(
+    return run_pipeline(
         {"m": str(model_dir)},
+        executor=LocalCellExecutor(),
         benchmarks=benchmarks,
         languages=["en"],
         out_uri=str(out),
@@ -183,25 +191,24 @@ def test_the_vllm_version_comes_from_the_module():
 def test_an_engine_loaded_elsewhere_runs_cells_under_the_given_identity(models, tmp_path):
     """The in-engine sweep's path: the evaluator borrows a loaded engine (weights swapped in place)
     and records the merge's identity; closing the evaluator leaves the engine to its owner."""
+    from chatvec.eval.contracts import RunContext
     from chatvec.eval.engines import load_engine
     from chatvec.eval.engines.base import Decoding, GenerationRequest
     from chatvec.eval.identity import merged_model_identity
-    from chatvec.eval.pipeline import prepare_run
+    from chatvec.eval.pipeline import plan_run
     from chatvec.eval.runner import ModelEvaluator
 
     engine = load_engine("hf", models["alpha"], device="cpu", batch_size=4)
     out = str(tmp_path / "out")
     try:
-        run_id, cells = prepare_run(
-            {"point": models["alpha"]}, benchmarks=["perplexity"], languages=["en"], out_uri=out
+        run_id, cells, _items = plan_run(
+            {"point": models["alpha"]}, benchmarks=["perplexity"], languages=["en"], store=Store(out), run_id=None
         )
+        run = RunContext(out_uri=out, run_id=run_id, settings=SETTINGS, languages=("en",), judged=False)
         evaluator = ModelEvaluator(
             "point",
             models["alpha"],
-            out_uri=out,
-            run_id=run_id,
-            settings=SETTINGS,
-            languages=["en"],
+            run=run,
             identity=merged_model_identity("ab" * 32),
             engine=engine,
         )
@@ -217,6 +224,7 @@ def test_an_engine_loaded_elsewhere_runs_cells_under_the_given_identity(models, 
 
         same = run_pipeline(
             {"point": models["alpha"]},
+            executor=LocalCellExecutor(),
             benchmarks=["perplexity"],
             languages=["en"],
             out_uri=out,
@@ -225,8 +233,9 @@ def test_an_engine_loaded_elsewhere_runs_cells_under_the_given_identity(models, 
             model_identities={"point": merged_model_identity("ab" * 32)},
         )
         assert same.redone == {} and same.loads == {}
-        other = run_in_process(
+        other = run_pipeline(
             {"point": models["alpha"]},
+            executor=LocalCellExecutor(),
             benchmarks=["perplexity"],
             languages=["en"],
             out_uri=out,

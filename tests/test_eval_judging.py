@@ -13,10 +13,18 @@ torch.set_num_threads(1)
 from chatvec.core.errors import InputError  # noqa: E402
 from chatvec.core.storage import Store  # noqa: E402
 from chatvec.demo.tiny import build_model_dir  # noqa: E402
-from chatvec.eval.judging import JudgeBackend, JudgeReply, LocalJudge, make_judge  # noqa: E402
-from chatvec.eval.pipeline import RunContext  # noqa: E402
-from chatvec.eval.results import Cell, read_samples, summarize  # noqa: E402
-from chatvec.eval.runner import DONE, JudgeRunner, RunSettings, run_in_process  # noqa: E402
+from chatvec.eval.contracts import (  # noqa: E402  # noqa: E402
+    DONE,
+    Cell,  # noqa: E402
+    JudgeBackend,
+    JudgeReply,
+    RunContext,  # noqa: E402
+    RunSettings,
+)
+from chatvec.eval.judging import LocalJudge, make_judge  # noqa: E402
+from chatvec.eval.pipeline import run_pipeline  # noqa: E402
+from chatvec.eval.results import read_samples, summarize  # noqa: E402
+from chatvec.eval.runner import JudgeRunner, LocalCellExecutor  # noqa: E402
 from chatvec.eval.schema import JUDGE_ERROR, JUDGED  # noqa: E402
 
 SETTINGS = RunSettings(device="cpu", batch_size=4, max_new_tokens=4, judge_max_new_tokens=5)
@@ -65,8 +73,9 @@ def test_the_judge_phase_uses_any_backend_and_counts_failed_replies(models, tmp_
         encoding="utf-8",
     )
     out = str(tmp_path / "out")
-    first = run_in_process(
+    first = run_pipeline(
         {"m": models["alpha"]},
+        executor=LocalCellExecutor(),
         benchmarks=[f"mine={data}:chat:en"],
         languages=["en"],
         out_uri=out,
@@ -132,8 +141,9 @@ def test_an_api_judge_through_the_pipeline(models, tmp_path, monkeypatch):
     out = tmp_path / "out"
 
     def evaluate():
-        return run_in_process(
+        return run_pipeline(
             {"m": models["alpha"]},
+            executor=LocalCellExecutor(),
             benchmarks=[f"mine={data}:chat:en"],
             languages=["en"],
             judge="openai:judge-x",

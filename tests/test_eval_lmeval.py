@@ -12,7 +12,9 @@ torch.set_num_threads(1)
 
 from chatvec.demo.tiny import build_model_dir  # noqa: E402
 from chatvec.eval.benchmarks import BenchmarkSpec  # noqa: E402
-from chatvec.eval.runner import RunSettings, run_in_process  # noqa: E402
+from chatvec.eval.contracts import RunSettings  # noqa: E402
+from chatvec.eval.pipeline import run_pipeline  # noqa: E402
+from chatvec.eval.runner import LocalCellExecutor  # noqa: E402
 
 TASKS = """
 task: chatvec_tiny_choice
@@ -72,8 +74,13 @@ def test_lm_eval_tasks_run_on_our_engine(tmp_path):
         options={"include_path": str(tasks)},
     )
     out = str(tmp_path / "out")
-    outcome = run_in_process(
-        {"m": model}, benchmarks=[spec], out_uri=out, settings=RunSettings(device="cpu"), show_progress=False
+    outcome = run_pipeline(
+        {"m": model},
+        benchmarks=[spec],
+        out_uri=out,
+        settings=RunSettings(device="cpu"),
+        show_progress=False,
+        executor=LocalCellExecutor(),
     )
     assert outcome.ok, [r.error for r in outcome.failed]
     summary = {(r["metric"]): r for r in outcome.summary.to_pylist()}

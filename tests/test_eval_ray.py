@@ -14,8 +14,8 @@ from chatvec.cluster.eval_driver import actor_name, run_eval  # noqa: E402
 from chatvec.core.config import ChatvecConfig, EvalSettings  # noqa: E402
 from chatvec.core.storage import Store  # noqa: E402
 from chatvec.demo.tiny import build_model_dir  # noqa: E402
+from chatvec.eval.contracts import DONE, FAILED  # noqa: E402
 from chatvec.eval.results import read_table  # noqa: E402
-from chatvec.eval.runner import DONE, FAILED  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

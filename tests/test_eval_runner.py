@@ -14,8 +14,10 @@ torch.set_num_threads(1)
 from chatvec.core.errors import InputError  # noqa: E402
 from chatvec.core.storage import Store  # noqa: E402
 from chatvec.demo.tiny import build_model_dir  # noqa: E402
+from chatvec.eval.contracts import DONE, FAILED, SKIPPED, RunSettings  # noqa: E402
+from chatvec.eval.pipeline import run_pipeline  # noqa: E402
 from chatvec.eval.results import RUN_FILE, SUMMARY_FILE, read_table  # noqa: E402
-from chatvec.eval.runner import DONE, FAILED, SKIPPED, RunSettings, run_in_process  # noqa: E402
+from chatvec.eval.runner import LocalCellExecutor  # noqa: E402
 from chatvec.eval.schema import JUDGED, NO_JUDGE, NOT_JUDGED, SAMPLES_SCHEMA, SUMMARY_SCHEMA  # noqa: E402
 
 SETTINGS = RunSettings(device="cpu", batch_size=4, max_new_tokens=6)
@@ -39,8 +41,9 @@ def samples(out: str) -> dict[str, list[dict]]:
 def test_run_writes_one_file_per_cell_and_resumes_without_duplicates(models, tmp_path):
     out = str(tmp_path / "out")
     pair = {"alpha": models["alpha"], "beta": models["beta"]}
-    first = run_in_process(
+    first = run_pipeline(
         pair,
+        executor=LocalCellExecutor(),
         benchmarks=["chat", "choice", "perplexity"],
         languages=["en", "ko"],
         out_uri=out,
@@ -75,8 +78,9 @@ def test_run_writes_one_file_per_cell_and_resumes_without_duplicates(models, tmp
     acc = [r for r in summary.to_pylist() if (r["model"], r["language"], r["metric"]) == ("alpha", "en", "acc")]
     assert len(acc) == 1 and acc[0]["n"] == 5
     # the same run again: nothing to do, nothing loaded, the same rows
-    again = run_in_process(
+    again = run_pipeline(
         pair,
+        executor=LocalCellExecutor(),
         benchmarks=["chat", "choice", "perplexity"],
         languages=["en", "ko"],
         out_uri=out,
@@ -87,8 +91,9 @@ def test_run_writes_one_file_per_cell_and_resumes_without_duplicates(models, tmp
     assert samples(out) == files
     # a lost cell is redone, alone
     Store(out).delete("samples/model=beta/language=ko/benchmark=chat.parquet")
-    third = run_in_process(
+    third = run_pipeline(
         pair,
+        executor=LocalCellExecutor(),
         benchmarks=["chat", "choice", "perplexity"],
         languages=["en", "ko"],
         out_uri=out,
@@ -107,8 +112,14 @@ def test_failed_cells_are_recorded_and_the_rest_finish(models, tmp_path):
     out = str(tmp_path / "out")
     missing = str(tmp_path / "not-yet")
     run = {"alpha": models["alpha"], "ghost": missing}
-    outcome = run_in_process(
-        run, benchmarks=["choice", "perplexity"], languages=["ja"], out_uri=out, settings=SETTINGS, show_progress=False
+    outcome = run_pipeline(
+        run,
+        benchmarks=["choice", "perplexity"],
+        languages=["ja"],
+        out_uri=out,
+        settings=SETTINGS,
+        show_progress=False,
+        executor=LocalCellExecutor(),
     )
     assert not outcome.ok
     assert sorted(r.key for r in outcome.failed) == ["ghost/ja/choice", "ghost/ja/perplexity"]
@@ -119,8 +130,14 @@ def test_failed_cells_are_recorded_and_the_rest_finish(models, tmp_path):
     assert {r["model"] for r in outcome.summary.to_pylist()} == {"alpha"}
     # the model appears: only its cells run
     shutil.copytree(models["beta"], missing)
-    retry = run_in_process(
-        run, benchmarks=["choice", "perplexity"], languages=["ja"], out_uri=out, settings=SETTINGS, show_progress=False
+    retry = run_pipeline(
+        run,
+        benchmarks=["choice", "perplexity"],
+        languages=["ja"],
+        out_uri=out,
+        settings=SETTINGS,
+        show_progress=False,
+        executor=LocalCellExecutor(),
     )
     assert retry.ok and retry.loads == {missing: 1}
     assert sorted(r.key for r in retry.results if r.state == DONE) == ["ghost/ja/choice", "ghost/ja/perplexity"]
@@ -129,8 +146,9 @@ def test_failed_cells_are_recorded_and_the_rest_finish(models, tmp_path):
 
 def test_judge_phase_loads_the_judge_once_and_records_every_judgment(models, tmp_path):
     out = str(tmp_path / "out")
-    outcome = run_in_process(
+    outcome = run_pipeline(
         {"alpha": models["alpha"], "beta": models["beta"]},
+        executor=LocalCellExecutor(),
         benchmarks=["chat", "safety", "multiturn"],
         languages=["zh-Hant", "ja"],
         judge=models["judge"],
@@ -157,14 +175,21 @@ def test_judge_phase_loads_the_judge_once_and_records_every_judgment(models, tmp
 def test_a_judge_given_later_scores_what_was_left_unjudged(models, tmp_path):
     out = str(tmp_path / "out")
     run = {"beta": models["beta"]}
-    plain = run_in_process(
-        run, benchmarks=["safety"], languages=["ko"], out_uri=out, settings=SETTINGS, show_progress=False
+    plain = run_pipeline(
+        run,
+        benchmarks=["safety"],
+        languages=["ko"],
+        out_uri=out,
+        settings=SETTINGS,
+        show_progress=False,
+        executor=LocalCellExecutor(),
     )
     unsafe = [r for rs in samples(out).values() for r in rs if r["metric"] == "unsafe"]
     assert plain.ok and {r["judge_status"] for r in unsafe} == {NO_JUDGE}
     responses = {r["item_id"]: r["response"] for r in unsafe}
-    later = run_in_process(
+    later = run_pipeline(
         run,
+        executor=LocalCellExecutor(),
         benchmarks=["safety"],
         languages=["ko"],
         judge=models["judge"],
@@ -180,8 +205,9 @@ def test_a_judge_given_later_scores_what_was_left_unjudged(models, tmp_path):
 
 def test_an_output_belongs_to_one_run(models, tmp_path):
     out = str(tmp_path / "out")
-    run_in_process(
+    run_pipeline(
         {"alpha": models["alpha"]},
+        executor=LocalCellExecutor(),
         benchmarks=["perplexity"],
         languages=["en"],
         out_uri=out,
@@ -191,8 +217,9 @@ def test_an_output_belongs_to_one_run(models, tmp_path):
     )
     assert json.loads(Store(out).read_text(RUN_FILE))["run_id"] == "a"
     with pytest.raises(InputError, match="holds run 'a'"):
-        run_in_process(
+        run_pipeline(
             {"alpha": models["alpha"]},
+            executor=LocalCellExecutor(),
             benchmarks=["perplexity"],
             languages=["en"],
             out_uri=out,
@@ -206,8 +233,9 @@ def test_model_and_results_on_s3(models, s3_server, s3_bucket, tmp_path):
     model_uri = s3_server.upload_dir(models["alpha"], f"{s3_bucket}/models/alpha")
     out = f"{s3_bucket}/results/run=s3"
     settings = RunSettings(device="cpu", max_new_tokens=4, cache_dir=str(tmp_path / "cache"))
-    outcome = run_in_process(
+    outcome = run_pipeline(
         {"alpha": model_uri},
+        executor=LocalCellExecutor(),
         benchmarks=["chat", "choice"],
         languages=["en"],
         out_uri=out,
@@ -223,8 +251,9 @@ def test_model_and_results_on_s3(models, s3_server, s3_bucket, tmp_path):
     ]
     assert store.is_file(SUMMARY_FILE) and store.is_file(RUN_FILE)
     # the same checkpoint read locally gives the same answers
-    local = run_in_process(
+    local = run_pipeline(
         {"alpha": models["alpha"]},
+        executor=LocalCellExecutor(),
         benchmarks=["chat", "choice"],
         languages=["en"],
         out_uri=str(tmp_path / "local"),
@@ -238,19 +267,24 @@ def test_model_and_results_on_s3(models, s3_server, s3_bucket, tmp_path):
 
 
 def test_a_benchmark_file_that_breaks_mid_run_fails_only_its_cell(models, tmp_path):
-    from chatvec.eval.runner import ModelEvaluator, prepare_run
+    from chatvec.eval.contracts import RunContext
+    from chatvec.eval.pipeline import plan_run
+    from chatvec.eval.runner import ModelEvaluator
 
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
     for path in (good, bad):
         path.write_text(json.dumps({"question": "Why?"}) + "\n" + json.dumps({"question": "How?"}) + "\n")
     out = str(tmp_path / "out")
-    run_id, cells = prepare_run(
-        {"alpha": models["alpha"]}, benchmarks=[f"bad={bad}:chat:en", f"good={good}:chat:en"], out_uri=out
+    run_id, cells, _items = plan_run(
+        {"alpha": models["alpha"]},
+        benchmarks=[f"bad={bad}:chat:en", f"good={good}:chat:en"],
+        languages=None,
+        store=Store(out),
+        run_id=None,
     )
     bad.write_text(json.dumps({"question": "Why?"}) + "\n" + "{truncated\n")  # changed after the check
-    ev = ModelEvaluator(
-        "alpha", models["alpha"], out_uri=out, run_id=run_id, settings=SETTINGS, languages=["en"], judge=False
-    )
+    run = RunContext(out_uri=out, run_id=run_id, settings=SETTINGS, languages=("en",), judged=False)
+    ev = ModelEvaluator("alpha", models["alpha"], run=run)
     try:
         results = {r.benchmark: r for r in ev.run_all(cells)}
     finally:

@@ -7,8 +7,8 @@ import math
 import pytest
 
 from chatvec.eval.fidelity import FidelityScorer, ScriptDetector, register_detector, unregister_detector
-from chatvec.eval.judge import parse_rating, parse_verdict
 from chatvec.eval.judge_prompts import TEXTS, multiturn_prompt, rating_prompt, safety_prompt
+from chatvec.eval.judgments import parse_rating, parse_verdict
 from chatvec.eval.kinds.base import mean_stderr
 from chatvec.eval.kinds.perplexity import PerplexityKind, windows
 from chatvec.eval.kinds.safety import is_refusal, refusal_phrases

@@ -17,7 +17,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT
 
 from chatvec.core.storage import Store
 
@@ -28,7 +27,7 @@ STATUS = "status/model=m/language=en/benchmark={}.json"
 
 
 def chatvec(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [str(Path(sys.executable).parent / "chatvec"), *args],
         cwd=cwd,

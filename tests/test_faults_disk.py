@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT
 
 from chatvec.core.storage import Store
 
@@ -53,7 +52,7 @@ def fill(disk: Path, leave: int) -> Path:
 
 
 def chatvec(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [str(Path(sys.executable).parent / "chatvec"), *args],
         cwd=cwd,

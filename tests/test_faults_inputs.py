@@ -15,13 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
 
 pytest.importorskip("torch")
 
 
 def chatvec(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [str(Path(sys.executable).parent / "chatvec"), *args],
         cwd=cwd,

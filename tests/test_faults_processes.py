@@ -23,7 +23,7 @@ import pytest
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
-from conftest import ROOT, free_port  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 from chatvec.cluster.eval_driver import run_eval  # noqa: E402
 from chatvec.core.config import ChatvecConfig, EvalSettings  # noqa: E402
@@ -166,7 +166,7 @@ def _eval_cmd(models, out: Path, config: Path) -> list[str]:
 def test_driver_killed_during_judging_then_rerun(ray_cluster, models, reference, tmp_path):
     config = tmp_path / "ray_config.yaml"
     config.write_text(CONFIG_YAML)
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     out = tmp_path / "out"
     driver = subprocess.Popen(
         _eval_cmd(models, out, config), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
@@ -257,7 +257,7 @@ def test_dead_node_fails_the_driver_with_a_clear_error_then_rerun_resumes(ray_au
     env = {
         **os.environ,
         "RAY_ADDRESS": cluster.address,
-        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
         "CHATVEC_RAY_POLL_S": "2",
         "CHATVEC_RAY_HEALTH_TIMEOUT_S": "10",
     }

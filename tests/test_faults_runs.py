@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT
 from faultproxy import FaultProxy, Faults
 from judge_servers import ScriptedServer, reply
 
@@ -102,7 +101,6 @@ def test_one_run_per_night_no_duplicates_and_no_secret_anywhere(s3_server, model
     with ScriptedServer([reply("The answer is fine. [[7]]")]) as judge:
         env = {
             **os.environ,
-            "PYTHONPATH": str(ROOT),
             "OMP_NUM_THREADS": "1",
             "OPENAI_BASE_URL": judge.base_url,
             "CHATVEC_CACHE": str(tmp_path / "cache"),

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT
 from faultproxy import FaultProxy, Faults
 
 from chatvec.core import storage_clients
@@ -33,7 +32,6 @@ MIXED = Faults(mode=("cut", "refuse", "slowdown"), first=3, rate=0.08, seed=11)
 def start(args: list[str], cwd: Path, endpoint: str, **extra: str) -> subprocess.Popen:
     env = {
         **os.environ,
-        "PYTHONPATH": str(ROOT),
         "OMP_NUM_THREADS": "1",
         "AWS_ENDPOINT_URL": endpoint,
         "CHATVEC_CACHE": str(cwd / "cache"),

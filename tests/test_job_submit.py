@@ -171,7 +171,7 @@ def test_address_local_starts_its_own_ray_next_to_a_running_cluster(head, tmp_pa
     triple = build_small_triple(tmp_path / "models")
     config = tmp_path / "ray_config.yaml"
     config.write_text("ray:\n  address: local\n  num_cpus: 2\nmerge:\n  gpus_per_worker: 0\n")
-    env = {**head["env"], "PYTHONPATH": str(ROOT)}
+    env = dict(head["env"])
     assert "RAY_ADDRESS" not in env
     out = tmp_path / "merged"
     run = subprocess.run(
@@ -209,3 +209,58 @@ def test_address_local_starts_its_own_ray_next_to_a_running_cluster(head, tmp_pa
     assert "a new local Ray instance" in output, output[-4000:]
     assert head["gcs"] not in output
     assert_matches_reference(str(out), triple, ratio=0.5)
+
+
+@pytest.mark.slow
+def test_a_job_from_a_project_with_its_own_eval_and_merge_packages(head, tmp_path):
+    """`ray job submit --working-dir .` from a user's project whose own `eval/`, `merge/`,
+    `cluster/` and `demo/` packages come first on every Ray worker's import path: a merge and an
+    evaluation on one actor each still run chatvec's code."""
+    from test_package import user_project
+
+    from chatvec.demo.tiny import build_model_dir
+
+    triple = build_small_triple(tmp_path / "models")
+    model = build_model_dir(tmp_path / "tiny", seed=3, shard_size=None)
+    project = user_project(tmp_path / "project")
+    env, dashboard = head["env"], head["dashboard"]
+
+    def submit(*command: str) -> str:
+        run = subprocess.run(
+            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".", "--", *command],
+            env=env,
+            cwd=project,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        output = run.stdout + run.stderr
+        assert run.returncode == 0 and "succeeded" in output, output[-4000:]
+        return output
+
+    out = tmp_path / "merged"
+    merge_cmd = ["chatvec", "merge", "--cp", str(triple.cp), "--base", str(triple.base), "--chat", str(triple.chat)]
+    submit(*merge_cmd, "--ratio", "0.5", "--workers", "1", "--device", "cpu", "--out", str(out))
+    assert_matches_reference(str(out), triple, ratio=0.5)
+
+    results = tmp_path / "results"
+    output = submit(
+        "chatvec",
+        "eval",
+        "--model",
+        f"tiny={model}",
+        "--benchmark",
+        "perplexity",
+        "--language",
+        "en",
+        "--limit",
+        "2",
+        "--workers",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(results),
+    )
+    assert "perplexity" in output, output[-4000:]
+    assert list(results.rglob("samples/model=tiny/language=en/benchmark=perplexity.parquet"))

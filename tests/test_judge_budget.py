@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from chatvec.core.config import load_config
-from chatvec.eval.pipeline import RunSettings
+from chatvec.eval.contracts import RunSettings
 from chatvec.runs.sweep import Sweep
 
 ROOT = Path(__file__).resolve().parents[1]

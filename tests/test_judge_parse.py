@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from chatvec.eval.judge import parse_rating, parse_verdict
 from chatvec.eval.judge_prompts import TEXTS, rating_prompt
+from chatvec.eval.judgments import parse_rating, parse_verdict
 from chatvec.eval.schema import JUDGED, OUT_OF_RANGE, UNPARSEABLE
 
 

@@ -189,8 +189,8 @@ def test_bad_recipe_names_the_key(models, tmp_path, capsys):
 
 def test_input_truncated_after_planning_leaves_no_file(models, tmp_path):
     """A file that changes under a running merge: the shard in progress is not published."""
+    from chatvec.cluster.merge_driver import run_merge_job
     from chatvec.core.errors import InputError
-    from chatvec.merge.pipeline import merge_local
     from chatvec.merge.plan import build_plan
     from chatvec.merge.recipe import Recipe, VectorSpec
 
@@ -200,6 +200,6 @@ def test_input_truncated_after_planning_leaves_no_file(models, tmp_path):
     shard = _shard(chat, 3)
     shard.write_bytes(shard.read_bytes()[:100])
     with pytest.raises(InputError, match="truncated|end of file"):
-        merge_local(plan, str(tmp_path / "out"), progress=False)
+        run_merge_job(plan, str(tmp_path / "out"), progress=False)
     left = sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_file())
     assert left == [], left

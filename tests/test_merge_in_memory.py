@@ -46,8 +46,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_in_memory_bytes_equal_the_written_shards(triples, tmp_path, case):
+    from chatvec.cluster.merge_driver import run_merge_job
     from chatvec.merge.in_memory import merged_tensors
-    from chatvec.merge.pipeline import merge_local
     from chatvec.merge.plan import build_plan
     from chatvec.merge.recipe import Recipe, VectorSpec
 
@@ -56,7 +56,7 @@ def test_in_memory_bytes_equal_the_written_shards(triples, tmp_path, case):
     recipe = Recipe(cp=str(t.cp), vectors=[VectorSpec(base=str(t.base), chat=str(t.chat), **spec)], **extra)
     plan = build_plan(recipe, shard_size=60_000)
     assert len(plan.shards) > 1  # the order runs over shards too
-    merge_local(plan, str(tmp_path / "out"), progress=False)
+    run_merge_job(plan, str(tmp_path / "out"), progress=False)
     written = _written(tmp_path / "out")
     got = list(merged_tensors(plan))
     assert [(n, d, s) for n, d, s, _ in got] == [(n, d, s) for n, d, s, _ in written]

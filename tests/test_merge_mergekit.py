@@ -42,8 +42,8 @@ def _run(
     dtype: str | None = "float32",
     device: str = "cpu",
 ):
+    from chatvec.cluster.merge_driver import run_merge_job
     from chatvec.merge.mergekit_config import load_mergekit_config
-    from chatvec.merge.pipeline import merge_local
     from chatvec.merge.plan import build_plan
 
     config = {
@@ -58,7 +58,7 @@ def _run(
     path = models["root"] / f"{name}.yml"
     path.write_text(yaml.safe_dump(config))
     plan = build_plan(load_mergekit_config(str(path)))
-    merge_local(plan, str(models["root"] / name), device=device, progress=False)
+    run_merge_job(plan, str(models["root"] / name), device=device, progress=False)
     return load_tensors(models["root"] / name)
 
 

@@ -42,13 +42,13 @@ def hand(tmp_path):
 
 
 def _merge(hand, specs, name="out"):
-    from chatvec.merge.pipeline import merge_local
+    from chatvec.cluster.merge_driver import run_merge_job
     from chatvec.merge.plan import build_plan
     from chatvec.merge.recipe import Recipe, VectorSpec
 
     vectors = [VectorSpec(base=str(hand["base"]), chat=str(hand[c]), **kw) for c, kw in specs]
     plan = build_plan(Recipe(cp=str(hand["cp"]), vectors=vectors))
-    merge_local(plan, str(hand["root"] / name), progress=False)
+    run_merge_job(plan, str(hand["root"] / name), progress=False)
     return load_tensors(hand["root"] / name)
 
 
@@ -109,8 +109,8 @@ def test_results_do_not_depend_on_chunking(tmp_path, monkeypatch):
     """Tiny jobs, tiny compute steps and several compute threads give the same bytes."""
     import chatvec.merge.jobs
     import chatvec.merge.kernels
+    from chatvec.cluster.merge_driver import run_merge_job
     from chatvec.demo.tiny import build_triple
-    from chatvec.merge.pipeline import merge_local
     from chatvec.merge.plan import build_plan
     from chatvec.merge.recipe import Recipe, VectorSpec
 
@@ -124,13 +124,13 @@ def test_results_do_not_depend_on_chunking(tmp_path, monkeypatch):
             VectorSpec(base=str(t.base), chat=str(t.chat), ratio=0.3),
         ],
     )
-    merge_local(build_plan(recipe), str(tmp_path / "big"), progress=False)
+    run_merge_job(build_plan(recipe), str(tmp_path / "big"), progress=False)
     import chatvec.merge.shard_writer
 
     monkeypatch.setattr(chatvec.merge.jobs, "JOB_ELEMS", 77)
     monkeypatch.setattr(chatvec.merge.kernels.NumpyBackend.__init__, "__defaults__", (13,))
     monkeypatch.setattr(chatvec.merge.shard_writer, "compute_threads", lambda device: 3)  # jobs finish out of order
-    merge_local(build_plan(recipe), str(tmp_path / "small"), progress=False)
+    run_merge_job(build_plan(recipe), str(tmp_path / "small"), progress=False)
     shards = sorted(p.name for p in (tmp_path / "big").glob("*.safetensors"))
     assert shards and all(filecmp.cmp(tmp_path / "big" / s, tmp_path / "small" / s, shallow=False) for s in shards)
 

@@ -25,11 +25,11 @@ def triples(tmp_path_factory):
 
 
 def _merge(recipe, out: Path, **kw):
-    from chatvec.merge.pipeline import merge_local
+    from chatvec.cluster.merge_driver import run_merge_job
     from chatvec.merge.plan import build_plan
 
     plan = build_plan(recipe, shard_size=kw.pop("shard_size", 60_000))
-    return plan, merge_local(plan, str(out), progress=False, **kw)
+    return plan, run_merge_job(plan, str(out), progress=False, **kw)
 
 
 def _recipe(t, ratio=1.0, **kw):

@@ -47,13 +47,13 @@ class _Watching:
 def test_workers_0_uses_the_configured_lock_ttl_and_names_the_writer(triple, tmp_path):
     from chatvec.cluster.merge_driver import run_merge_job
     from chatvec.core.config import ChatvecConfig
-    from chatvec.merge.pipeline import InProcessExecutor, run_merge
+    from chatvec.merge.pipeline import LocalShardExecutor, run_merge
 
     cfg = ChatvecConfig()
     cfg = cfg.model_copy(update={"merge": cfg.merge.model_copy(update={"lock_ttl_s": 123.0})})
     plan = _plan(triple)
     out = Store(str(tmp_path / "out"))
-    watching = _Watching(InProcessExecutor(plan, out), out)
+    watching = _Watching(LocalShardExecutor(plan, out), out)
     summary = run_merge(plan, out, lambda: watching, lock_ttl_s=cfg.merge.lock_ttl_s, progress=False)
     assert watching.locks and {lock["ttl_s"] for lock in watching.locks} == {123.0}
     assert not out.exists(LOCK_FILE)
@@ -67,28 +67,28 @@ def test_workers_0_uses_the_configured_lock_ttl_and_names_the_writer(triple, tmp
 
 
 def test_leftover_temporary_files_are_removed_in_process_too(triple, tmp_path):
-    from chatvec.merge.pipeline import merge_local
+    from chatvec.cluster.merge_driver import run_merge_job
 
     plan = _plan(triple)
     out = tmp_path / "out"
     out.mkdir()
     leftover = out / f"{plan.shards[0].filename}.tmp-0123abcd"
     leftover.write_bytes(b"half a shard")
-    merge_local(plan, str(out), progress=False)
+    run_merge_job(plan, str(out), progress=False)
     assert not leftover.exists()
     assert (out / "chatvec_manifest.json").is_file()
 
 
 def test_overwrite_replaces_another_commit_under_the_lock(triple, tmp_path):
+    from chatvec.cluster.merge_driver import run_merge_job
     from chatvec.core.errors import OutputExistsError
-    from chatvec.merge.pipeline import merge_local
 
     out = str(tmp_path / "out")
-    merge_local(_plan(triple), out, progress=False)
+    run_merge_job(_plan(triple), out, progress=False)
     other = _plan(triple, shard_size=90_000)
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        merge_local(other, out, progress=False)
-    summary = merge_local(other, out, overwrite=True, progress=False)
+        run_merge_job(other, out, progress=False)
+    summary = run_merge_job(other, out, overwrite=True, progress=False)
     assert not summary.cached and summary.shards_written == len(other.shards)
     manifest = json.loads(Store(out).read_text("chatvec_manifest.json"))
     assert manifest["fingerprint"] == other.fingerprint()

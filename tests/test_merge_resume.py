@@ -34,14 +34,14 @@ def _identical(a: Path, b: Path, names: list[str]) -> bool:
 
 
 def test_resume_keeps_verified_shards_and_is_byte_identical(triple, tmp_path):
-    from chatvec.merge.pipeline import merge_local
+    from chatvec.cluster.merge_driver import run_merge_job
 
     plan = _plan(triple)
     assert len(plan.shards) >= 4
-    clean = merge_local(plan, str(tmp_path / "clean"), progress=False)
+    clean = run_merge_job(plan, str(tmp_path / "clean"), progress=False)
     assert clean.shards_written == len(plan.shards)
     out = tmp_path / "crashed"
-    merge_local(plan, str(out), progress=False)
+    run_merge_job(plan, str(out), progress=False)
     # a crash before the commit: no index or manifest; one shard never written, one half-garbage
     (out / "chatvec_manifest.json").unlink()
     (out / "model.safetensors.index.json").unlink()
@@ -52,7 +52,7 @@ def test_resume_keeps_verified_shards_and_is_byte_identical(triple, tmp_path):
     damaged.write_bytes(bytes(data))
     kept = out / plan.shards[0].filename
     kept_mtime = kept.stat().st_mtime_ns
-    summary = merge_local(_plan(triple), str(out), progress=False)
+    summary = run_merge_job(_plan(triple), str(out), progress=False)
     assert (summary.shards_written, summary.shards_resumed) == (2, len(plan.shards) - 2)
     assert kept.stat().st_mtime_ns == kept_mtime
     names = [s.filename for s in plan.shards] + ["model.safetensors.index.json", "config.json", "tokenizer.json"]
@@ -87,12 +87,12 @@ def test_same_recipe_is_a_cache_hit(triple, tmp_path, capsys):
 def test_changed_input_is_not_a_cache_hit(triple, tmp_path):
     import shutil
 
+    from chatvec.cluster.merge_driver import run_merge_job
     from chatvec.merge.output import check_output
-    from chatvec.merge.pipeline import merge_local
 
     cp = shutil.copytree(triple.cp, tmp_path / "cp")
     t = type(triple)(base=triple.base, chat=triple.chat, cp=cp)
-    merge_local(_plan(t), str(tmp_path / "o"), progress=False)
+    run_merge_job(_plan(t), str(tmp_path / "o"), progress=False)
     assert check_output(_plan(t), str(tmp_path / "o"), overwrite=False) is not None
     shard = sorted(cp.glob("model-*.safetensors"))[0]
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
@@ -103,19 +103,19 @@ def test_changed_input_is_not_a_cache_hit(triple, tmp_path):
 
 
 def test_inputs_and_output_on_s3(triple, tmp_path, s3_server):
+    from chatvec.cluster.merge_driver import run_merge_job
     from chatvec.core.storage import Store
-    from chatvec.merge.pipeline import merge_local
 
     bucket = s3_server.make_bucket()
     remote = {r: s3_server.upload_dir(getattr(triple, r), f"{bucket}/models/{r}") for r in ("base", "chat", "cp")}
-    local = merge_local(_plan(triple), str(tmp_path / "local"), progress=False)
+    local = run_merge_job(_plan(triple), str(tmp_path / "local"), progress=False)
     t = type(triple)(**remote)
     plan = _plan(t)
-    summary = merge_local(plan, f"{bucket}/merged", progress=False)
+    summary = run_merge_job(plan, f"{bucket}/merged", progress=False)
     assert summary.shards_written == len(plan.shards) and local.total_bytes == summary.total_bytes
     store = Store(f"{bucket}/merged")
     assert store.is_file("chatvec_manifest.json")
     for shard in plan.shards:
         assert store.read_bytes(shard.filename) == (tmp_path / "local" / shard.filename).read_bytes()
-    again = merge_local(_plan(t), f"{bucket}/merged", progress=False)
+    again = run_merge_job(_plan(t), f"{bucket}/merged", progress=False)
     assert again.cached

@@ -77,11 +77,11 @@ def test_streaming_threshold_is_the_kth_largest(triple, monkeypatch, job_elems, 
 
 def test_merged_bytes_do_not_depend_on_the_job_size(triple, tmp_path, monkeypatch):
     import chatvec.merge.jobs
-    from chatvec.merge.pipeline import merge_local
+    from chatvec.cluster.merge_driver import run_merge_job
 
-    merge_local(_plan(triple, 0.4, embeddings="by-token"), str(tmp_path / "one"), progress=False)
+    run_merge_job(_plan(triple, 0.4, embeddings="by-token"), str(tmp_path / "one"), progress=False)
     monkeypatch.setattr(chatvec.merge.jobs, "JOB_ELEMS", 777)
-    merge_local(_plan(triple, 0.4, embeddings="by-token"), str(tmp_path / "many"), progress=False)
+    run_merge_job(_plan(triple, 0.4, embeddings="by-token"), str(tmp_path / "many"), progress=False)
     shards = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
     assert shards
     for name in shards:

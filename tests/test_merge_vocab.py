@@ -65,13 +65,13 @@ def _vocab(folder: Path) -> dict[str, int]:
 
 
 def _merge(cp, base, chat, out, **kw):
-    from chatvec.merge.pipeline import merge_local
+    from chatvec.cluster.merge_driver import run_merge_job
     from chatvec.merge.plan import build_plan
     from chatvec.merge.recipe import Recipe, VectorSpec
 
     recipe = Recipe(cp=str(cp), vectors=[VectorSpec(base=str(base), chat=str(chat), ratio=kw.pop("ratio", 1.0))], **kw)
     plan = build_plan(recipe, shard_size=80_000)
-    merge_local(plan, str(out), progress=False)
+    run_merge_job(plan, str(out), progress=False)
     return plan
 
 

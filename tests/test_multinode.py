@@ -56,9 +56,9 @@ def _scenario(spec: dict) -> dict:
     import ray
     from conftest import free_port
     from ray.cluster_utils import Cluster
+    from ray_merge import WatchedMerge
 
     from chatvec.cluster.eval_driver import run_eval
-    from chatvec.cluster.merge_driver import DistributedMerge
     from chatvec.core.config import ChatvecConfig, EvalSettings, MergeSettings, RaySettings
     from chatvec.core.units import parse_size
     from chatvec.merge.plan import build_plan
@@ -111,7 +111,7 @@ def _scenario(spec: dict) -> dict:
 
         src = spec["merge_inputs"]
         recipe = Recipe(cp=src["cp"], vectors=[VectorSpec(base=src["base"], chat=src["chat"], ratio=RATIO)])
-        merge = DistributedMerge(
+        merge = WatchedMerge(
             build_plan(recipe, shard_size=parse_size("50KB")), spec["merge_out"], workers=2, config=config, device="cpu"
         )
         summary = merge.run()
@@ -195,7 +195,7 @@ def multinode(tmp_path_factory, s3_server):
         RAY_TMPDIR=str(ray_temp),
         CHATVEC_CACHE=str(driver_cache),
         OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        PYTHONPATH=str(ROOT / "tests"),
     )
     log = work / "driver.log"
     with open(log, "wb") as fh:

@@ -102,7 +102,7 @@ def _store_runs(root: str) -> None:
     for i, (rid, sweep, value) in enumerate(
         [("2024-06-01", "s", 6.0), ("2024-06-02", "s", 6.1), ("other-1", "t", 1.0), ("2024-06-03", "s", 4.0)]
     ):
-        history.write_summary(root, rid, table(rid, [("m", "ko", "chat", "judge_score", value, 0.1, 8)]))
+        history.write_run_summary(root, rid, table(rid, [("m", "ko", "chat", "judge_score", value, 0.1, 8)]))
         history.write_run_info(
             root,
             rid,

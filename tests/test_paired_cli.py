@@ -58,7 +58,7 @@ def write_run(root: str, run_id: str, cells: dict[tuple, dict[str, float]]) -> N
                 created_at=NOW,
             )
         )
-    history.write_summary(root, run_id, summary_table(summary))
+    history.write_run_summary(root, run_id, summary_table(summary))
 
 
 def test_compare_pairs_the_cells_with_the_same_items(tmp_path):

@@ -173,7 +173,7 @@ def test_nightly_twice_detects_an_injected_regression(tiny_models, tmp_path):
 
     merged = "v.zh-Hant.add.r1.emb-skip"
     _inject_drop(root, "2024-06-01", merged, "in_language", 1.0)
-    history.write_summary(root, "2024-06-01", summarize(history.run_uri(root, "2024-06-01"), "2024-06-01"))
+    history.write_run_summary(root, "2024-06-01", summarize(history.run_uri(root, "2024-06-01"), "2024-06-01"))
     before = {(r["model"], r["metric"]): r["value"] for r in history.load_summary(root, "2024-06-01").to_pylist()}
     assert before[(merged, "in_language")] == 1.0
     _inject_drop(root, "2024-06-02", merged, "in_language", 0.0)

@@ -162,12 +162,15 @@ def test_task_kind_runs_on_the_world(quick_world, tmp_path):
     consistent with the fixed-string scorers, fidelity decided by script."""
     import pyarrow.parquet as pq
 
-    from chatvec.eval.runner import RunSettings, run_in_process
+    from chatvec.eval.contracts import RunSettings
+    from chatvec.eval.pipeline import run_pipeline
+    from chatvec.eval.runner import LocalCellExecutor
 
     out, _ = quick_world
     models = {"chat": str(out / "chat"), "cp": str(out / "cp")}
-    outcome = run_in_process(
+    outcome = run_pipeline(
         models,
+        executor=LocalCellExecutor(),
         benchmarks=[str(out / "benchmarks.yaml")],
         out_uri=str(tmp_path / "results"),
         settings=RunSettings(device="cpu", batch_size=8),

@@ -1,15 +1,12 @@
-"""Engines by name, and the one function that loads a model into one.
-
-``LOAD_COUNTS`` counts, per process, how many times each model URI was loaded; the Ray driver
-collects it from its actors to show that every model is loaded once per run.
-"""
+"""Engines by name, and the one function that loads a model into one. Whoever loads counts its
+own loads (``chatvec.eval.runner``) and returns them: there is no process-wide counter."""
 
 from __future__ import annotations
 
 import importlib
 import logging
 import time
-from collections import Counter
+from typing import TYPE_CHECKING
 
 from chatvec.core.errors import InputError
 from chatvec.eval.engines.base import (
@@ -21,9 +18,11 @@ from chatvec.eval.engines.base import (
     LoglikelihoodRequest,
 )
 
+if TYPE_CHECKING:
+    from chatvec.eval.contracts import RunSettings
+
 __all__ = [
     "ENGINES",
-    "LOAD_COUNTS",
     "Decoding",
     "Engine",
     "Generation",
@@ -33,6 +32,7 @@ __all__ = [
     "engine_class",
     "engine_version",
     "load_engine",
+    "load_engine_for",
 ]
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,6 @@ ENGINES = {
     "hf": "chatvec.eval.engines.hf:HFEngine",
     "vllm": "chatvec.eval.engines.vllm:VLLMEngine",
 }
-
-LOAD_COUNTS: Counter = Counter()
 
 
 def engine_class(name: str) -> type[Engine]:
@@ -94,6 +92,21 @@ def load_engine(
         engine = cls(path, device=device, dtype=dtype, batch_size=batch_size, gpus=gpus, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"cannot load model {model_uri} with the {name} engine: {exc}") from exc
-    LOAD_COUNTS[model_uri] += 1
     logger.info("loaded %s with %s in %.2f s", model_uri, name, time.perf_counter() - start)
     return engine
+
+
+def load_engine_for(settings: RunSettings, model_uri: str, **kwargs) -> Engine:
+    """``load_engine`` with a run's settings: how every evaluator, judge and in-engine slot loads."""
+    s = settings
+    return load_engine(
+        s.engine,
+        model_uri,
+        device=s.device,
+        dtype=s.dtype,
+        batch_size=s.batch_size,
+        gpus=s.gpus_per_engine,
+        cache_dir=s.cache_dir,
+        options=s.engine_options,
+        **kwargs,
+    )

@@ -8,8 +8,8 @@ benchmark's language and script).
 
 from __future__ import annotations
 
-from chatvec.eval.judge import parse_rating
 from chatvec.eval.judge_prompts import rating_prompt
+from chatvec.eval.judgments import parse_rating
 from chatvec.eval.kinds.base import CellContext, FieldSpec, Kind, answer_fields, dumps, in_language_row, loads, row
 
 

@@ -9,8 +9,8 @@ contains a refusal phrase, case-insensitive, anywhere in the answer) and ``in_la
 
 from __future__ import annotations
 
-from chatvec.eval.judge import parse_verdict
 from chatvec.eval.judge_prompts import safety_prompt
+from chatvec.eval.judgments import parse_verdict
 from chatvec.eval.kinds.base import CellContext, FieldSpec, Kind, answer_fields, dumps, in_language_row, loads, row
 
 REFUSAL_PHRASES: dict[str, tuple[str, ...]] = {
