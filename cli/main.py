@@ -11,44 +11,53 @@ import sys
 import click
 
 from chatvec.core.errors import ChatvecError
+from chatvec.core.registry import Registry
 
-# name -> "module:attribute" of a click.Command
-COMMANDS = {
-    "extract": ("chatvec.cli.cmd_merge:extract", "Write a chat vector (chat - base) as a safetensors checkpoint."),
-    "merge": ("chatvec.cli.cmd_merge:merge", "Merge CP + ratio * (chat - base) into a new checkpoint."),
-    "benchmarks": ("chatvec.cli.cmd_eval:benchmarks", "List the benchmarks chatvec ships."),
-    "eval": ("chatvec.cli.cmd_eval:eval_cmd", "Evaluate models over languages and benchmarks."),
-    "sweep": ("chatvec.cli.cmd_sweep:sweep", "Run a sweep: merges x evaluation x report."),
-    "nightly": ("chatvec.cli.cmd_sweep:nightly", "Run a sweep as tonight's run and check for regressions."),
-    "results": ("chatvec.cli.cmd_sweep:results", "List runs, print a run's summary or compare two runs."),
-    "demo": ("chatvec.cli.cmd_demo:demo", "Merge and evaluate the toy world's chat vector (the main demo)."),
-    "toyworld": (
-        "chatvec.cli.cmd_toyworld:toyworld",
-        "Build the seeded toy world where the chat vector effect is real.",
-    ),
-}
+# each a click.Command, imported only when run (or when its own --help is asked for)
+COMMANDS: Registry[click.Command] = Registry("command")
+COMMANDS.register(
+    "extract", "chatvec.cli.cmd_merge:extract", summary="Write a chat vector (chat - base) as a safetensors checkpoint."
+)
+COMMANDS.register(
+    "merge", "chatvec.cli.cmd_merge:merge", summary="Merge CP + ratio * (chat - base) into a new checkpoint."
+)
+COMMANDS.register("benchmarks", "chatvec.cli.cmd_eval:benchmarks", summary="List the benchmarks chatvec ships.")
+COMMANDS.register("eval", "chatvec.cli.cmd_eval:eval_cmd", summary="Evaluate models over languages and benchmarks.")
+COMMANDS.register("sweep", "chatvec.cli.cmd_sweep:sweep", summary="Run a sweep: merges x evaluation x report.")
+COMMANDS.register(
+    "nightly", "chatvec.cli.cmd_sweep:nightly", summary="Run a sweep as tonight's run and check for regressions."
+)
+COMMANDS.register(
+    "results", "chatvec.cli.cmd_sweep:results", summary="List runs, print a run's summary or compare two runs."
+)
+COMMANDS.register(
+    "demo", "chatvec.cli.cmd_demo:demo", summary="Merge and evaluate the toy world's chat vector (the main demo)."
+)
+COMMANDS.register(
+    "toyworld",
+    "chatvec.cli.cmd_toyworld:toyworld",
+    summary="Build the seeded toy world where the chat vector effect is real.",
+)
 
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(name for name, (target, _h) in COMMANDS.items() if _available(target))
+        return sorted(name for name in COMMANDS.names() if _available(COMMANDS.target(name)))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
-        target, _help = COMMANDS[name]
-        module_name, attr = target.split(":")
+        module_name = COMMANDS.target(name).split(":")[0]
         try:
-            module = importlib.import_module(module_name)
+            return COMMANDS[name]
         except ModuleNotFoundError as exc:
             if exc.name == module_name:
                 return None
             raise
-        return getattr(module, attr)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Short help from the table, so `--help` imports no subcommand module.
-        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        rows = [(name, COMMANDS.summary(name)) for name in self.list_commands(ctx)]
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)

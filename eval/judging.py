@@ -19,6 +19,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from chatvec.core.errors import InputError
+from chatvec.core.registry import Registry
 from chatvec.eval.contracts import JudgeBackend, JudgeReply
 
 if TYPE_CHECKING:
@@ -26,7 +27,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-API_PREFIX = "openai:"
+# API judge backends by the prefix of ``--judge PREFIX:MODEL``; any other spec is a judge model's
+# location, run by ``LocalJudge``. A backend class takes ``model=`` and has the JudgeBackend shape.
+JUDGES: Registry[type] = Registry("judge backend")
+JUDGES.register("openai", "chatvec.eval.api_judge:APIJudge", summary="an OpenAI-compatible chat-completions endpoint")
 
 
 class LocalJudge:
@@ -61,8 +65,14 @@ class LocalJudge:
             self.engine = None
 
 
+def api_judge_of(spec: str) -> tuple[str, str] | None:
+    """(backend name, model) when ``spec`` names a registered API backend, else None."""
+    prefix, sep, model = spec.partition(":")
+    return (prefix, model) if sep and prefix in JUDGES else None
+
+
 def is_api_judge(spec: str) -> bool:
-    return spec.startswith(API_PREFIX)
+    return api_judge_of(spec) is not None
 
 
 def judge_budget(settings: RunSettings) -> int:
@@ -89,17 +99,19 @@ def judge_identity(spec: str, settings: RunSettings) -> str:
 
 
 def make_judge(spec: str, settings: RunSettings) -> JudgeBackend:
-    """The backend for ``--judge SPEC``: ``openai:MODEL`` for an API judge, else a model URI."""
-    if is_api_judge(spec):
-        model = spec[len(API_PREFIX) :]
-        if not model:
-            raise InputError("--judge openai:MODEL needs a model name, e.g. --judge openai:gpt-4o")
-        try:
-            from chatvec.eval.api_judge import APIJudge
-        except ImportError as exc:
-            raise InputError(
-                f"--judge {spec}: the API judge is not available in this installation ({exc}); "
-                "judge with a model folder or URI instead"
-            ) from exc
-        return APIJudge(model=model)
-    return LocalJudge(spec, settings)
+    """The backend for ``--judge SPEC``: ``PREFIX:MODEL`` for a registered API backend
+    (``openai:MODEL``), else a judge model's URI."""
+    api = api_judge_of(spec)
+    if api is None:
+        return LocalJudge(spec, settings)
+    backend, model = api
+    if not model:
+        raise InputError(f"--judge {backend}:MODEL needs a model name, e.g. --judge openai:gpt-4o")
+    try:
+        cls = JUDGES[backend]
+    except ImportError as exc:
+        raise InputError(
+            f"--judge {spec}: the {backend} judge is not available in this installation ({exc}); "
+            "judge with a model folder or URI instead"
+        ) from exc
+    return cls(model=model)

@@ -1,11 +1,14 @@
-"""The merge methods, one entry each: what the recipe, the kernels, the sweep and the CLI know.
+"""The merge methods, one registry entry each: what the recipe, the kernels, the sweep and the CLI
+know.
 
-A new method is one entry here plus its arithmetic in merge/compute.py.
+A new method is one ``METHODS.register`` here plus its arithmetic in merge/compute.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from chatvec.core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -26,48 +29,47 @@ class MergeMethod:
     rescale: str
 
 
-METHODS: dict[str, MergeMethod] = {
-    m.name: m
-    for m in (
-        MergeMethod(
-            "add",
-            "cp + ratio * tau",
-            ("ratio",),
-            whole_tensor=False,
-            random_drop=False,
-            sign_election=False,
-            rescale="none",
-        ),
-        MergeMethod(
-            "ties",
-            "trim to the top density of |tau|, elect a sign, disjoint mean (Yadav et al. 2023)",
-            ("ratio", "density"),
-            whole_tensor=True,
-            random_drop=False,
-            sign_election=True,
-            rescale="none",
-        ),
-        MergeMethod(
-            "dare",
-            "drop entries at random, keep each with probability density (Yu et al. 2024)",
-            ("ratio", "density", "seed"),
-            whole_tensor=False,
-            random_drop=True,
-            sign_election=False,
-            rescale="kept entries / density",
-        ),
-        MergeMethod(
-            "dare_ties",
-            "dare's random drop and rescale, then ties' sign election and disjoint mean",
-            ("ratio", "density", "seed"),
-            whole_tensor=False,
-            random_drop=True,
-            sign_election=True,
-            rescale="kept entries / density",
-        ),
-    )
-}
-METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+METHODS: Registry[MergeMethod] = Registry("merge method")
+for _method in (
+    MergeMethod(
+        "add",
+        "cp + ratio * tau",
+        ("ratio",),
+        whole_tensor=False,
+        random_drop=False,
+        sign_election=False,
+        rescale="none",
+    ),
+    MergeMethod(
+        "ties",
+        "trim to the top density of |tau|, elect a sign, disjoint mean (Yadav et al. 2023)",
+        ("ratio", "density"),
+        whole_tensor=True,
+        random_drop=False,
+        sign_election=True,
+        rescale="none",
+    ),
+    MergeMethod(
+        "dare",
+        "drop entries at random, keep each with probability density (Yu et al. 2024)",
+        ("ratio", "density", "seed"),
+        whole_tensor=False,
+        random_drop=True,
+        sign_election=False,
+        rescale="kept entries / density",
+    ),
+    MergeMethod(
+        "dare_ties",
+        "dare's random drop and rescale, then ties' sign election and disjoint mean",
+        ("ratio", "density", "seed"),
+        whole_tensor=False,
+        random_drop=True,
+        sign_election=True,
+        rescale="kept entries / density",
+    ),
+):
+    METHODS.register(_method.name, _method, summary=_method.summary)
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS.names())
 
 
 def drops(term) -> bool:

@@ -3,12 +3,12 @@ own loads (``chatvec.eval.runner``) and returns them: there is no process-wide c
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from typing import TYPE_CHECKING
 
 from chatvec.core.errors import InputError
+from chatvec.core.registry import Registry
 from chatvec.eval.engines.base import (
     Decoding,
     Engine,
@@ -37,18 +37,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# name -> "module:class"; imported only when used, so vllm stays optional
-ENGINES = {
-    "hf": "chatvec.eval.engines.hf:HFEngine",
-    "vllm": "chatvec.eval.engines.vllm:VLLMEngine",
-}
+# imported only when used, so vllm stays optional
+ENGINES: Registry[type[Engine]] = Registry("engine")
+ENGINES.register("hf", "chatvec.eval.engines.hf:HFEngine", summary="transformers, CPU or GPU")
+ENGINES.register("vllm", "chatvec.eval.engines.vllm:VLLMEngine", summary="vLLM (its CPU build here)")
 
 
 def engine_class(name: str) -> type[Engine]:
-    if name not in ENGINES:
-        raise InputError(f"unknown engine {name!r}; choose one of {', '.join(sorted(ENGINES))}")
-    module, attr = ENGINES[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+    return ENGINES[name]
 
 
 def engine_version(name: str) -> str | None:

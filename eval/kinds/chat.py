@@ -57,6 +57,3 @@ class ChatKind(RatedKind):
 
     def judge_text(self, r: dict, details: dict) -> str:
         return rating_prompt(r["language"], details["question"], r["response"] or "", details.get("reference"))
-
-
-KIND = ChatKind

@@ -88,6 +88,3 @@ class ChoiceKind(Kind):
             rows.append(row(item["id"], "acc", float(pred == gold), **fields))
             rows.append(row(item["id"], "acc_norm", float(pred_norm == gold), **fields))
         return rows
-
-
-KIND = ChoiceKind

@@ -188,6 +188,3 @@ class LmEvalKind(Kind):
         if not rows:
             raise RuntimeError(f"lm-eval produced no per-document metrics for {tasks}")
         return rows
-
-
-KIND = LmEvalKind

@@ -66,6 +66,3 @@ class MultiturnKind(RatedKind):
 
     def judge_text(self, r: dict, details: dict) -> str:
         return multiturn_prompt(r["language"], details["turns"], details["answers"], details.get("reference"))
-
-
-KIND = MultiturnKind

@@ -80,6 +80,3 @@ class PerplexityKind(Kind):
             return value, (value * se if se is not None else None), n
         scale = 1 / math.log(2)
         return mean * scale, (se * scale if se is not None else None), n
-
-
-KIND = PerplexityKind

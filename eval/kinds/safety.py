@@ -104,6 +104,3 @@ class SafetyKind(Kind):
 
     def read_judgment(self, r: dict, text: str) -> tuple[float | None, str]:
         return parse_verdict(text)
-
-
-KIND = SafetyKind

@@ -101,6 +101,3 @@ class TaskKind(Kind):
                 rows.append(row(item["id"], metric, score, details=details, **fields))
             rows.append(in_language_row(item["id"], fields, details))
         return rows
-
-
-KIND = TaskKind
