@@ -100,6 +100,13 @@ def benchmarks(fields: bool) -> None:
     default=None,
     help="0: in this process without Ray; N: N eval actors on Ray (default: eval.workers of the config).",
 )
+@click.option(
+    "--replicas",
+    default=None,
+    metavar="N|auto",
+    help="Engines per model (each an eval actor; a large cell's items are split among them); auto: "
+    "the eval actors shared out over the models (default: eval.replicas, 1).",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
 @click.option("--batch-size", type=int, default=None, help="Requests per batch (default: eval.batch_size).")
 @click.option("--max-new-tokens", type=int, default=None, help="Cap on every benchmark's answer length.")
@@ -116,6 +123,7 @@ def eval_cmd(
     judge,
     judge_max_tokens,
     workers,
+    replicas,
     device,
     batch_size,
     max_new_tokens,
@@ -146,6 +154,7 @@ def eval_cmd(
         limit=limit,
         judge_max_new_tokens=judge_max_tokens,
         show_progress=not quiet,
+        replicas=parse_replicas(replicas),
     )
     click.echo(format_summary(outcome.summary))
     if outcome.redone:
@@ -168,3 +177,17 @@ def eval_cmd(
         click.echo("rerun the same command to retry them; finished cells are kept", err=True)
         return EXIT_FAILED_CELLS
     return 0
+
+
+def parse_replicas(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise click.BadParameter(
+            f"{value!r}: give a positive number of engines per model, or auto", param_hint="--replicas"
+        )
+    return n

@@ -26,6 +26,7 @@ from typing import Any
 
 from chatvec.core.errors import ConfigError
 from chatvec.core.storage import Store
+from chatvec.eval.chunks import Chunk, ChunkCollector, ChunkRows, partition, plan_units
 from chatvec.eval.contracts import (
     FAILED,
     GENERATE,
@@ -71,8 +72,10 @@ class EvalWorker:
         self.loads += self.evaluator.loads
         return {"pid": os.getpid(), "loads": dict(self.loads), "error": self.evaluator.load_error}
 
-    def run(self, cell: Cell) -> CellResult:
-        return self.evaluator.run_cell(cell)
+    def run(self, unit: Cell | Chunk) -> CellResult | ChunkRows:
+        if isinstance(unit, Chunk):
+            return self.evaluator.run_chunk(unit)
+        return self.evaluator.run_cell(unit)
 
     def close(self) -> None:
         if self.evaluator is not None:
@@ -108,23 +111,62 @@ class _Slot:
     finished: set = field(default_factory=set)
 
 
+class _Cells:
+    """Outcomes of whole cells: each unit is a cell, its result is the cell's."""
+
+    def __init__(self, store: Store, run_id: str, stage: str) -> None:
+        self.store, self.run_id, self.stage = store, run_id, stage
+
+    def skip(self, unit) -> bool:
+        return False
+
+    def done(self, unit, value) -> CellResult | None:
+        return value
+
+    def failed(self, unit, error: str) -> CellResult | None:
+        logger.error("cell %s failed: %s", unit.key, error)
+        write_status(self.store, unit, FAILED, stage=self.stage, error=error, run_id=self.run_id)
+        return CellResult.of(unit, FAILED, self.stage, error=error)
+
+
+class _Chunks(_Cells):
+    """Outcomes of cells and of chunks of cells (replicas): a chunked cell's result comes with its
+    last chunk, or with its first failure."""
+
+    def __init__(self, store: Store, run_id: str) -> None:
+        super().__init__(store, run_id, GENERATE)
+        self.collector = ChunkCollector(store, run_id)
+
+    def skip(self, unit) -> bool:
+        return isinstance(unit, Chunk) and self.collector.has_failed(unit.cell)
+
+    def done(self, unit, value) -> CellResult | None:
+        return self.collector.add(value) if isinstance(unit, Chunk) else value
+
+    def failed(self, unit, error: str) -> CellResult | None:
+        return self.collector.fail(unit, error) if isinstance(unit, Chunk) else super().failed(unit, error)
+
+
 def _run_pool(
     make_actor: Callable[[int], Any],
-    jobs: list[tuple[Any, list[Cell]]],
+    jobs: list[tuple[Any, list]],
     size: int,
     *,
     stage: str,
     store: Store,
     run_id: str,
     progress: Progress,
+    outcomes: _Cells | None = None,
 ) -> tuple[list[CellResult], dict]:
-    """Run ``jobs`` = [(what to prepare, cells)] on ``size`` actors; every job's cells go to one
-    actor after one ``prepare(what)``. Returns the cell results and each actor's last load counts."""
+    """Run ``jobs`` = [(what to prepare, units)] on ``size`` actors; every job's units (cells, or
+    chunks of cells) go to one actor after one ``prepare(what)``. Returns the cell results and
+    each actor's last load counts."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
     from chatvec.cluster.liveness import wait_one
 
+    outcomes = outcomes or _Cells(store, run_id, stage)
     queue = deque(jobs)
     slots = [_Slot() for _ in range(min(size, len(jobs)))]
     inflight: dict[Any, tuple[int, Cell | None]] = {}
@@ -158,13 +200,13 @@ def _run_pool(
             pass
         slot.actor = None
         if pending:
-            victim, rest = pending[0], pending[1:]
+            victim = pending[0]
             error = f"the {stage} actor died: {type(exc).__name__}: {exc}"[:2000]
-            logger.error("cell %s failed: %s", victim.key, error)
-            write_status(store, victim, FAILED, stage=stage, error=error, run_id=run_id)
-            result = CellResult.of(victim, FAILED, stage, error=error)
-            results.append(result)
-            progress.update(result)
+            result = outcomes.failed(victim, error)
+            if result is not None:
+                results.append(result)
+                progress.update(result)
+            rest = [u for u in pending[1:] if not outcomes.skip(u)]
             if rest:
                 queue.appendleft((slot.job[0], rest))
         assign(i)
@@ -183,18 +225,20 @@ def _run_pool(
         except RayActorError as exc:
             actor_died(i, exc)
             continue
-        except RayTaskError as exc:  # the method raised (the actor lives on): that cell failed
+        except RayTaskError as exc:  # the method raised (the actor lives on): that unit failed
             if cell is None:
                 continue  # a failed prepare: each of its cells reports the error
-            error = f"{type(exc).__name__}: {exc}"[:2000]
-            write_status(store, cell, FAILED, stage=stage, error=error, run_id=run_id)
-            value = CellResult.of(cell, FAILED, stage, error=error)
-        if cell is None:
-            load_counts[str(slot.actor)] = value["loads"]
-            continue
-        slot.finished.add(cell)
-        results.append(value)
-        progress.update(value)
+            slot.finished.add(cell)
+            value = outcomes.failed(cell, f"{type(exc).__name__}: {exc}"[:2000])
+        else:
+            if cell is None:
+                load_counts[str(slot.actor)] = value["loads"]
+                continue
+            slot.finished.add(cell)
+            value = outcomes.done(cell, value)
+        if value is not None:
+            results.append(value)
+            progress.update(value)
         if len(slot.finished) == len(slot.submitted):
             assign(i)
     for slot in slots:
@@ -205,6 +249,26 @@ def _run_pool(
                 pass
             ray.kill(slot.actor)
     return results, load_counts
+
+
+def replica_jobs(jobs: Sequence[ModelJob], replicas: int, limit: int | None) -> list[tuple[ModelJob, list]]:
+    """Each model's cells as up to ``replicas`` jobs (each job one engine loading the model): large
+    cells cut into chunks of items, the units shared out by item count."""
+    if replicas <= 1:
+        return [(job, list(job.cells)) for job in jobs]
+    from chatvec.eval.items import load_items
+    from chatvec.eval.kinds import kind_class
+
+    out = []
+    for job in jobs:
+        counts = {}
+        for cell in job.cells:
+            if kind_class(cell.spec.kind).uses_items:
+                n = len(load_items(cell.spec, cell.language))
+                counts[cell] = min(n, limit) if limit else n
+        units = plan_units(job.cells, counts, replicas)
+        out += [(job, group) for group in partition(units, counts, replicas)]
+    return out
 
 
 def actor_name(role: str, run_id: str, n: int) -> str:
@@ -225,9 +289,10 @@ class RayExecutor:
     """Cells on Ray actors: ``workers`` eval actors over the models (one model per actor at a
     time, loaded once), then ``eval.judge_workers`` judge actors over the cells to judge."""
 
-    def __init__(self, workers: int, config) -> None:
+    def __init__(self, workers: int, config, replicas: int | str = 1) -> None:
         self.workers = workers
         self.config = config
+        self.replicas = replicas  # engines per model: a number, or "auto" (the free slots)
         self.options: dict = {}
 
     def start(self, settings: RunSettings) -> RunSettings:
@@ -256,16 +321,27 @@ class RayExecutor:
         def make(n: int):
             return actor_cls.options(name=actor_name("eval", run.run_id, n), **self.options).remote(run)
 
+        replicas = self.replicas_for(len(jobs))
+        store = Store(run.out_uri)
+        if replicas > 1:
+            logger.info("up to %d engines per model (%d eval actors, %d models)", replicas, self.workers, len(jobs))
         got, counts = _run_pool(
             make,
-            [(job, list(job.cells)) for job in jobs],
+            replica_jobs(jobs, replicas, run.settings.limit),
             self.workers,
             stage=GENERATE,
-            store=Store(run.out_uri),
+            store=store,
             run_id=run.run_id,
             progress=progress,
+            outcomes=_Chunks(store, run.run_id),
         )
         return got, _sum_loads(counts)
+
+    def replicas_for(self, models: int) -> int:
+        """Engines per model: ``auto`` shares the eval actors out over the models to evaluate."""
+        if self.replicas == "auto":
+            return max(1, self.workers // max(1, models))
+        return max(1, min(int(self.replicas), self.workers))
 
     def judge(
         self, run: RunContext, judge: str, cells: Sequence[Cell], progress: Progress
@@ -333,6 +409,7 @@ def run_eval(
     dtype: str = "auto",
     judge_max_new_tokens: int | None = None,
     show_progress: bool = True,
+    replicas: int | str | None = None,
 ) -> EvalOutcome:
     """Evaluate ``models`` ({name: uri}) on benchmarks x languages into ``out_uri``.
 
@@ -360,7 +437,10 @@ def run_eval(
     if workers < 0:
         raise ConfigError("--workers must be 0 (in this process) or a positive number of actors")
     # the one place where 0 workers means "in this process, without Ray"
-    executor = LocalCellExecutor() if workers == 0 else RayExecutor(workers, config)
+    replicas = config.eval.replicas if replicas is None else replicas
+    if replicas != "auto" and int(replicas) < 1:
+        raise ConfigError("--replicas must be a positive number of engines per model, or auto")
+    executor = LocalCellExecutor() if workers == 0 else RayExecutor(workers, config, replicas)
     return run_pipeline(
         models,
         benchmarks=benchmarks,

@@ -99,6 +99,8 @@ class EvalSettings(_Strict):
     batch_size: int = Field(default=16, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     judge_workers: int = Field(default=1, ge=1)
+    # engines (eval actors) per model; "auto": the eval actors shared out over the run's models
+    replicas: int | Auto = Field(default=1, ge=1)
     judge_max_new_tokens: int = Field(default=2048, ge=1)  # room for a judge that reasons before it rates
     max_restarts: int = Field(default=1, ge=0)
     vllm: VLLMSettings = Field(default_factory=VLLMSettings)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from chatvec.core.errors import DiskFullError
 from chatvec.core.storage import Store
 from chatvec.eval.benchmarks import BenchmarkSpec
+from chatvec.eval.chunks import Chunk, ChunkRows
 from chatvec.eval.contracts import (
     DONE,
     FAILED,
@@ -201,10 +202,27 @@ class ModelEvaluator(_LoadedOnce):
             self._scorers[key] = FidelityScorer(self.run.languages, detectors={lang: detector for lang in spec.scripts})
         return self._scorers[key]
 
-    def _rows(self, cell: Cell) -> list[dict]:
-        return self._rows_and_identity(cell)[0]
+    def run_chunk(self, chunk: Chunk) -> ChunkRows:
+        """Run one chunk of a cell (its items ``start:stop``) and return the rows, with the whole
+        cell's identity; nothing is written (the collector writes the cell once, whole). Any
+        failure is returned, not raised."""
+        start = time.perf_counter()
+        try:
+            self.ensure_loaded()
+            rows, identity = self._rows_and_identity(chunk.cell, span=(chunk.start, chunk.stop))
+        except Exception as exc:  # a chunk's failure fails its cell, never the other cells
+            return ChunkRows(chunk, error=error_text(exc), seconds=elapsed(start))
+        per_item = one_row_per_item(rows)
+        return ChunkRows(
+            chunk,
+            rows,
+            identity,
+            prompt_tokens=sum(r.get("prompt_tokens") or 0 for r in per_item),
+            completion_tokens=sum(r.get("completion_tokens") or 0 for r in per_item),
+            seconds=elapsed(start),
+        )
 
-    def _rows_and_identity(self, cell: Cell) -> tuple[list[dict], CellIdentity]:
+    def _rows_and_identity(self, cell: Cell, span: tuple[int, int] | None = None) -> tuple[list[dict], CellIdentity]:
         from chatvec.eval.items import load_items
         from chatvec.eval.kinds import get_kind
         from chatvec.eval.kinds.base import CellContext
@@ -220,6 +238,8 @@ class ModelEvaluator(_LoadedOnce):
         identity = cell_identity(
             model=self.identity, spec=spec, language=cell.language, items=items, settings=self.settings
         )
+        if span is not None:  # a chunk: the identity above is the whole cell's
+            items = items[span[0] : span[1]]
         ctx = CellContext(
             engine=self.engine,
             prompts=Prompts(self.engine.tokenizer, model_name=self.model, use_template=spec.chat_template),

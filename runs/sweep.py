@@ -134,6 +134,7 @@ class Sweep(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     root: str | None = None  # default: storage.root of ray_config.yaml
     workers: Workers = Field(default_factory=Workers)
+    replicas: int | Literal["auto"] | None = Field(default=None, ge=1)  # default: eval.replicas
     eval: EvalOptions = Field(default_factory=EvalOptions)
     nightly: NightlySettings = Field(default_factory=NightlySettings)
 

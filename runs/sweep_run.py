@@ -119,7 +119,7 @@ def _evaluate(
             if inside:
                 outcomes.append(in_engine.evaluate(inside, **args))
         if models:
-            outcomes.append(run_eval(models, **args))
+            outcomes.append(run_eval(models, **args, replicas=sweep.replicas))
         for outcome in outcomes:
             for key, reasons in outcome.redone.items():
                 echo(f"  computed again, its inputs changed: {key}: {'; '.join(reasons)}")
