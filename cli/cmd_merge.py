@@ -35,6 +35,16 @@ def _shard_size(text: str | None, config_path: str | None) -> int:
     return parse_size(text if text is not None else _settings(config_path).merge.shard_size)
 
 
+def _ratio(text: str):
+    from chatvec.core.errors import ConfigError
+    from chatvec.merge.schedule import parse_ratio_text
+
+    try:
+        return parse_ratio_text(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _given(options: dict) -> str:
     """The command-line flags among ``options`` (name -> value) that were given, comma-separated."""
     return ", ".join(f"--{name.replace('_', '-')}" for name, value in options.items() if value is not None)
@@ -121,7 +131,12 @@ def extract(base, chat, dtype, embeddings, out, shard_size, device, workers, ove
 @click.option("--base", default=None, help="Base model of the chat vector.")
 @click.option("--chat", default=None, help="Chat model of the chat vector.")
 @click.option("--vector", default=None, help="A vector written by `chatvec extract` (instead of --base/--chat).")
-@click.option("--ratio", type=float, default=None, help="Scale of the vector (default 1.0; the paper also uses 0.5).")
+@click.option(
+    "--ratio",
+    default=None,
+    help="Scale of the vector (default 1.0; the paper also uses 0.5), or a schedule in YAML flow text: "
+    "'[0.2, 1.0, 0.4]' over the layers' depth, '{default: 1, self_attn: [0.5, 1, 0.5], lm_head: 0}' by module.",
+)
 @click.option(
     "--method", type=click.Choice(list(METHOD_NAMES)), default=None, help="How the vector is applied (default add)."
 )
@@ -211,7 +226,7 @@ def merge(
             base=base,
             chat=chat,
             vector=vector,
-            ratio=1.0 if ratio is None else ratio,
+            ratio=1.0 if ratio is None else _ratio(ratio),
             method=method or "add",
             density=1.0 if density is None else density,
             seed=seed or 0,

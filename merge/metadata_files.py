@@ -16,6 +16,8 @@ from typing import Any
 from chatvec.core.storage import Store
 from chatvec.merge.checkpoint import VECTOR_INFO
 from chatvec.merge.methods import METHODS
+from chatvec.merge.recipe import has_schedule
+from chatvec.merge.schedule import format_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -214,8 +216,13 @@ def model_card(plan, manifest: dict) -> str:
     for i, v in enumerate(r.vectors):
         src = f"`{v.vector}` (extracted)" if v.vector else f"`{v.chat}` - `{v.base}`"
         plain = METHODS[v.method].parameters == ("ratio",)
-        method = v.method if plain else f"{v.method} (density {v.density:g}, seed {v.seed})"
-        lines.append(f"- vector {i + 1}: {src}, ratio {v.ratio:g}, method {method}")
+        method = v.method if plain else f"{v.method} (density {format_schedule(v.density)}, seed {v.seed})"
+        lines.append(f"- vector {i + 1}: {src}, ratio {format_schedule(v.ratio)}, method {method}")
+    if has_schedule(r):
+        lines.append(
+            "- a list is a ratio over depth (layer i of n at i / (n - 1), mergekit's gradients); a mapping's "
+            "first group found in a tensor's name gives its ratio, else `default` (chatvec docs/recipes.md)"
+        )
     lines += [
         f"- embeddings policy: {r.embeddings or 'none (vocabularies match)'}; chat-only token rows from chat: {r.chat_tokens_from_chat}",
         f"- dtype: {plan.torch_dtype}",

@@ -19,6 +19,7 @@ from chatvec.core.file_identity import FileIdentity
 from chatvec.merge.checkpoint import Checkpoint, open_checkpoint
 from chatvec.merge.recipe import MergekitMode, Recipe, VectorSpec
 from chatvec.merge.safetensors_format import DTYPE_BY_NAME, FLOAT_DTYPES, ITEMSIZE, NAME_BY_DTYPE, build_header
+from chatvec.merge.schedule import Depth, Resolver
 from chatvec.merge.vocab import is_vocab_tensor, pair_base_chat, place_rows, tau_rows_from_vector
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ class Segment:
 
 @dataclass
 class Term:
-    """ratio * method(chat - base), or ratio * method(vector) when `base` is None."""
+    """ratio * method(chat - base), or ratio * method(vector) when `base` is None. `ratio` and
+    `density` are this tensor's values (a recipe's schedule resolved by merge/schedule.py)."""
 
     vector: int
     ratio: float
@@ -262,9 +264,11 @@ class _Planner:
         self.b = _Builder()
         self.problems = self.b.problems
         self.appended: dict[str, int] = {}  # chat-only token -> its id in the output vocabulary
+        self.resolvers: dict[int, tuple[Resolver, Resolver]] = {}  # vector -> (ratio, density)
         self.cp_float = [n for n in _file_order(cp) if cp.tensors[n].dtype in FLOAT_DTYPES]
         self.vocab_names = [n for n in self.cp_float if is_vocab_tensor(n) and len(cp.tensors[n].shape) == 2]
         out_dtype = DTYPE_BY_NAME[recipe.dtype] if recipe.dtype else None
+        self.depth = Depth(self.cp_float, cp.config)
         self.tasks: dict[str, TensorTask] = {}
         for n in _file_order(cp):
             e = cp.tensors[n]
@@ -306,6 +310,7 @@ class _Planner:
         """Add vector `vi` to every CP float tensor it pairs with by name."""
         spec = self.recipe.vectors[vi]
         _check_names(self.problems, self.cp, base, chat, base_role, chat_role)
+        self.resolvers[vi] = self._resolvers(vi, spec)
         raw_rows = (chat.vector_info or {}).get("raw_rows", {}) if base is None else {}
         for n in self.cp_float:
             if n not in chat.tensors or (base is not None and n not in base.tensors):
@@ -330,7 +335,7 @@ class _Planner:
             if not vocab or (same and self.recipe.embeddings is None):
                 if same:
                     whole = [Segment(0, 0, 0 if base is not None else -1, cp_entry.numel)]
-                    self.tasks[n].terms.append(_term(self.b, vi, spec, chat, base, n, whole))
+                    self._add_term(vi, chat, base, n, whole)
                 else:
                     self.problems.append(f"{n}: shapes differ: {desc}")
             elif len({s[1] for s in shapes.values()}) != 1:
@@ -340,6 +345,40 @@ class _Planner:
                 self.problems.append(f"{n}: the vocabularies differ ({rows} rows) and no embeddings policy was given")
             else:
                 self._vocab_term(vi, n, base, chat, raw_rows.get(n, []))
+
+    def _resolvers(self, vi: int, spec: VectorSpec) -> tuple[Resolver, Resolver]:
+        """The vector's ratio and density per tensor; a schedule's problems go with the plan's."""
+        ratio, density = Resolver(spec.ratio, self.depth), Resolver(spec.density, self.depth)
+        tag = f"vector {vi + 1} " if len(self.recipe.vectors) > 1 else ""
+        tied = bool((self.cp.config or {}).get("tie_word_embeddings")) or not any(
+            "lm_head" in n or "embed_out" in n for n in self.cp_float
+        )
+        for resolver, what in ((ratio, "ratio"), (density, "density")):
+            self.problems.extend(resolver.problems(self.cp_float, f"{tag}{what}", tied=tied))
+        return ratio, density
+
+    def _add_term(self, vi: int, chat: Checkpoint, base: Checkpoint | None, name: str, segs: list[Segment]) -> None:
+        ratio, density = (r(name) for r in self.resolvers[vi])
+        if ratio is None or density is None:
+            return  # matches no group of a mapping without default: a problem already listed
+        # chatvec's own arithmetic adds nothing for ratio 0: the term is left out, so the CP
+        # bytes stay as they are (adding +0 would turn a -0 entry into +0). mergekit's formulas
+        # are followed as they are, zero weights included.
+        if ratio == 0.0 and self.recipe.mergekit is None:
+            return
+        spec = self.recipe.vectors[vi]
+        self.tasks[name].terms.append(
+            Term(
+                vector=vi,
+                ratio=float(ratio),
+                method=spec.method,
+                density=float(density),
+                seed=int(spec.seed),
+                chat=self.b.source(chat, name),
+                base=self.b.source(base, name) if base is not None else None,
+                segments=segs,
+            )
+        )
 
     def _vocab_term(self, vi: int, n: str, base: Checkpoint | None, chat: Checkpoint, raw_rows: list) -> None:
         """An embedding-shaped tensor under an embeddings policy: rows matched as merge/vocab.py says."""
@@ -375,7 +414,7 @@ class _Planner:
         if base is None:
             segs = [Segment(s.out, s.chat, -1, s.n) for s in segs]
         if segs:
-            self.tasks[n].terms.append(_term(self.b, vi, self.recipe.vectors[vi], chat, base, n, segs))
+            self._add_term(vi, chat, base, n, segs)
         if placed.raw:
             self.tasks[n].raw.append(
                 RawCopy(self.b.source(chat, n), _row_segments(placed.raw, rowlen, with_base=False))
@@ -413,21 +452,6 @@ class _Planner:
             appended_tokens=sorted(self.appended, key=self.appended.get),
             vocab_rows=vocab_rows,
         )
-
-
-def _term(
-    b: _Builder, vi: int, spec: VectorSpec, chat: Checkpoint, base: Checkpoint | None, name: str, segs: list[Segment]
-) -> Term:
-    return Term(
-        vector=vi,
-        ratio=float(spec.ratio),
-        method=spec.method,
-        density=float(spec.density),
-        seed=int(spec.seed),
-        chat=b.source(chat, name),
-        base=b.source(base, name) if base is not None else None,
-        segments=segs,
-    )
 
 
 def _check_names(

@@ -8,7 +8,7 @@ A recipe YAML looks like::
         chat: meta-llama/Llama-2-7b-chat-hf
         ratio: 0.5
       - vector: s3://bucket/vectors/xwin   # written by `chatvec extract`
-        ratio: 0.5
+        ratio: {default: 0.5, self_attn: [0.2, 1.0, 0.4], lm_head: 0}   # a schedule
         method: dare
         density: 0.9
     embeddings: skip                 # skip | overlap | by-token (only needed when vocabularies differ)
@@ -16,6 +16,8 @@ A recipe YAML looks like::
     dtype: bfloat16                  # default: the CP model's dtype
 
 Relative paths are taken relative to the working directory, as on the command line.
+`ratio` and `density` take a number, a list of control points over the layers' depth or a
+mapping of module groups (merge/schedule.py; docs/recipes.md).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from chatvec.core.errors import ConfigError
 from chatvec.merge.methods import METHOD_NAMES, METHODS
+from chatvec.merge.schedule import Density, Ratio, ScheduleValue, fingerprint_form, format_schedule, is_scalar
 
 # the names come from the method table (merge/methods.py)
 Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]
@@ -41,11 +44,12 @@ class VectorSpec(BaseModel):
     base: str | None = None
     chat: str | None = None
     vector: str | None = None
-    ratio: float = 1.0
+    # a number, or a schedule over layers and module groups (merge/schedule.py)
+    ratio: Ratio = 1.0
     method: Method = "add"
     # ties keeps the top `density` fraction of |tau| per tensor; dare keeps each entry with
-    # probability `density` and divides the kept ones by it.
-    density: float = Field(default=1.0, gt=0.0, le=1.0)
+    # probability `density` and divides the kept ones by it. A schedule too, each value in (0, 1].
+    density: Density = 1.0
     seed: int = 0
 
     @model_validator(mode="after")
@@ -60,8 +64,8 @@ class VectorSpec(BaseModel):
     def describe(self) -> str:
         src = self.vector if self.vector is not None else f"{self.chat} - {self.base}"
         plain = METHODS[self.method].parameters == ("ratio",)
-        extra = "" if plain else f", {self.method} density {self.density:g} seed {self.seed}"
-        return f"{self.ratio:g} x ({src}{extra})"
+        extra = "" if plain else f", {self.method} density {format_schedule(self.density)} seed {self.seed}"
+        return f"{format_schedule(self.ratio)} x ({src}{extra})"
 
 
 class MergekitMode(BaseModel):
@@ -100,9 +104,9 @@ class Recipe(BaseModel):
                     "base": _canonical_uri(v.base) if v.base else None,
                     "chat": _canonical_uri(v.chat) if v.chat else None,
                     "vector": _canonical_uri(v.vector) if v.vector else None,
-                    "ratio": float(v.ratio),
+                    "ratio": fingerprint_form(v.ratio),
                     "method": v.method,
-                    "density": float(v.density),
+                    "density": fingerprint_form(v.density),
                     "seed": int(v.seed),
                 }
                 for v in self.vectors
@@ -120,6 +124,11 @@ class Recipe(BaseModel):
                 f"{self.cp} + " + " + ".join(v.describe() for v in self.vectors)
             )
         return f"{self.cp} + " + " + ".join(v.describe() for v in self.vectors)
+
+
+def has_schedule(recipe: Recipe) -> bool:
+    """Whether any vector's ratio or density varies by layer or module."""
+    return any(not is_scalar(v.ratio) or not is_scalar(v.density) for v in recipe.vectors)
 
 
 def _canonical_uri(uri: str) -> str:
@@ -142,7 +151,7 @@ def recipe_from_options(
     base: str | None,
     chat: str | None,
     vector: str | None,
-    ratio: float,
+    ratio: ScheduleValue,
     method: str,
     density: float,
     seed: int,

@@ -6,7 +6,7 @@ with baselines on each target's benchmarks, and reported. One YAML file describe
       llama2-chat: {base: meta-llama/Llama-2-13b-hf, chat: meta-llama/Llama-2-13b-chat-hf}
     targets:                          # one CP model per target, with its language and benchmarks
       - {language: zh-Hant, cp: YOUR_ORG/llama-2-13b-zh-hant-cp, benchmarks: [sample-chat-zh-Hant]}
-    ratios: [0.5, 1.0]
+    ratios: [0.5, 1.0]               # a point may be a schedule: [0.2, 1.0, 0.4] or {default: 1, mlp: 0.5}
     methods: [add]                    # or {method: dare, density: 0.9, seed: 0}
     embeddings: skip                  # or a list to sweep: [all, skip]
     baselines: {cp: true, chat: true, extra: {}}
@@ -23,6 +23,8 @@ report to ``<root>/reports/<run_id>/index.html``. Running a plan is runs/sweep_r
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from chatvec.core import layout
 from chatvec.core.errors import ConfigError
 from chatvec.merge.methods import METHOD_NAMES
+from chatvec.merge.schedule import Ratio, ScheduleValue, fingerprint_form, format_schedule, is_scalar, schedule_values
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,37 @@ def _check_name(v: str) -> str:
     if not _NAME.match(v):
         raise ValueError(f"{v!r} is not a usable name: {_NAME_HINT}")
     return v
+
+
+RATIOS_HINT = (
+    "ratios must be > 0, and a schedule's values >= 0 with one > 0 at least "
+    "(ratio 0 is the CP model: keep baselines.cp on)"
+)
+
+
+def _usable_ratio(r: ScheduleValue) -> bool:
+    if is_scalar(r):
+        return r > 0
+    values = schedule_values(r)
+    return all(x >= 0 for x in values) and any(x > 0 for x in values)
+
+
+def _value_key(x: Any) -> Any:
+    """Something hashable that is equal for equal list entries (ratios, policies, methods)."""
+    if isinstance(x, BaseModel):
+        return x.model_dump_json()
+    return x if isinstance(x, str) else json.dumps(fingerprint_form(x))
+
+
+def ratio_label(r: ScheduleValue) -> str:
+    """A ratio in a model name: r0.5; a gradient by its points, r0.2_1_0.4; a mapping by a hash
+    of its groups (the names must stay short and safe in folder names)."""
+    if is_scalar(r):
+        return f"r{r:g}"
+    if isinstance(r, tuple) and len(r) <= 5:
+        return "r" + "_".join(f"{x:g}" for x in r)
+    digest = hashlib.sha256(json.dumps(fingerprint_form(r), sort_keys=True).encode()).hexdigest()
+    return f"rs-{digest[:8]}"
 
 
 class _Strict(BaseModel):
@@ -81,7 +115,7 @@ class TargetDef(_Strict):
     benchmarks: list[str] = Field(min_length=1)
     name: str | None = None  # default: the language; set it when two targets share a language
     vectors: list[str] | None = None  # default: every vector
-    ratios: list[float] | None = None  # default: the sweep's ratios
+    ratios: list[Ratio] | None = None  # default: the sweep's ratios
     baselines: dict[str, str] = Field(default_factory=dict)  # name -> URI, evaluated here only
 
     @property
@@ -117,7 +151,8 @@ class Sweep(_Strict):
     name: str | None = None  # default: the file's stem
     vectors: dict[str, VectorDef] = Field(min_length=1)
     targets: list[TargetDef] = Field(min_length=1)
-    ratios: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    # each point a number or a schedule (merge/schedule.py)
+    ratios: list[Ratio] = Field(default_factory=lambda: [1.0], min_length=1)
     methods: list[MethodDef] = Field(default_factory=lambda: [MethodDef()], min_length=1)
     # "all" adds the vector to every embedding row (the vocabularies must then match)
     embeddings: list[EmbeddingChoice] = Field(default_factory=lambda: ["all"], min_length=1)
@@ -153,16 +188,16 @@ class Sweep(_Strict):
     @field_validator("ratios", "embeddings", "methods")
     @classmethod
     def _unique(cls, v: list) -> list:
-        seen = [x.model_dump_json() if isinstance(x, BaseModel) else x for x in v]
+        seen = [_value_key(x) for x in v]
         if len(set(seen)) != len(seen):
             raise ValueError("lists each value twice; give every value once")
         return v
 
     @field_validator("ratios")
     @classmethod
-    def _ratios(cls, v: list[float]) -> list[float]:
-        if any(r <= 0 for r in v):
-            raise ValueError("ratios must be > 0 (ratio 0 is the CP model: keep baselines.cp on)")
+    def _ratios(cls, v: list[ScheduleValue]) -> list[ScheduleValue]:
+        if not all(_usable_ratio(r) for r in v):
+            raise ValueError(RATIOS_HINT)
         return v
 
     @field_validator("name")
@@ -192,8 +227,8 @@ class Sweep(_Strict):
                     problems.append(
                         f"target {t.key!r} names vector {v!r}, which `vectors` does not define (defined: {', '.join(self.vectors)})"
                     )
-            if t.ratios is not None and (not t.ratios or any(r <= 0 for r in t.ratios)):
-                problems.append(f"target {t.key!r}: ratios must be a non-empty list of numbers > 0")
+            if t.ratios is not None and (not t.ratios or not all(_usable_ratio(r) for r in t.ratios)):
+                problems.append(f"target {t.key!r}: ratios must be a non-empty list: {RATIOS_HINT}")
         extra = list(self.baselines.extra) + [n for t in self.targets for n in t.baselines]
         for dup in sorted({n for n in extra if extra.count(n) > 1}):
             problems.append(f"baseline name {dup!r} is used twice: give each extra model its own name")
@@ -220,7 +255,7 @@ class PlannedMerge:
     target: str
     language: str
     vector: str
-    ratio: float
+    ratio: ScheduleValue  # a number, or a schedule (merge/schedule.py)
     method: str
     embeddings: str
     recipe: Any  # chatvec.merge.recipe.Recipe
@@ -239,7 +274,9 @@ class PlannedMerge:
             "target": self.target,
             "language": self.language,
             "vector": self.vector,
-            "ratio": self.ratio,
+            # the report plots numbers over the ratio; a schedule point is shown by name
+            "ratio": self.ratio if is_scalar(self.ratio) else None,
+            "schedule": None if is_scalar(self.ratio) else format_schedule(self.ratio),
             "method": self.method,
             "embeddings": self.embeddings,
             "reused": self.cached,
@@ -266,8 +303,8 @@ class SweepPlan:
         return [m.info() for m in self.merges] + self.baselines
 
 
-def model_name(vector: str, target: str, method: MethodDef, ratio: float, embeddings: str, sweep: Sweep) -> str:
-    parts = [vector, target, method.label(), f"r{ratio:g}"]
+def model_name(vector: str, target: str, method: MethodDef, ratio: ScheduleValue, embeddings: str, sweep: Sweep) -> str:
+    parts = [vector, target, method.label(), ratio_label(ratio)]
     if len(sweep.embeddings) > 1 or embeddings != "all":
         parts.append(f"emb-{embeddings}")
     return ".".join(parts)
