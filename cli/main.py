@@ -21,6 +21,7 @@ COMMANDS = {
     "sweep": ("chatvec.cli.cmd_sweep:sweep", "Run a sweep: merges x evaluation x report."),
     "nightly": ("chatvec.cli.cmd_sweep:nightly", "Run a sweep as tonight's run and check for regressions."),
     "results": ("chatvec.cli.cmd_sweep:results", "List runs, print a run's summary or compare two runs."),
+    "report": ("chatvec.cli.cmd_report:report", "Write a run's HTML report and answer browser (sweep or eval)."),
     "demo": ("chatvec.cli.cmd_demo:demo", "Merge and evaluate the toy world's chat vector (the main demo)."),
     "toyworld": (
         "chatvec.cli.cmd_toyworld:toyworld",
