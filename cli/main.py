@@ -31,6 +31,11 @@ COMMANDS.register(
     "results", "chatvec.cli.cmd_sweep:results", summary="List runs, print a run's summary or compare two runs."
 )
 COMMANDS.register(
+    "report",
+    "chatvec.cli.cmd_report:report",
+    summary="Write a run's HTML report and answer browser (sweep or eval).",
+)
+COMMANDS.register(
     "demo", "chatvec.cli.cmd_demo:demo", summary="Merge and evaluate the toy world's chat vector (the main demo)."
 )
 COMMANDS.register(

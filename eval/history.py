@@ -191,6 +191,11 @@ def load_summary(root: Store | str, run_id: str) -> pa.Table:
     return _read_parquet(store, rel)
 
 
+def load_results_summary(results: Store | str) -> pa.Table:
+    """The summary in one run's results folder: ``<root>/results/run=<id>`` or a `chatvec eval --out`."""
+    return _read_parquet(as_store(results), SUMMARY_FILE)
+
+
 def write_run_summary(root: Store | str, run_id: str, table: pa.Table) -> str:
     """A run's summary into its folder under the root (chatvec.eval.results.write_summary does the writing)."""
     return write_summary(as_store(root), table, folder=_run_rel(run_id))

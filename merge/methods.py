@@ -25,7 +25,7 @@ class MergeMethod:
     # True when the method's vectors are combined by TIES' sign election and disjoint mean
     # (merge/compute.py) instead of being added
     sign_election: bool
-    # how the kept entries are rescaled, in words (README and --help)
+    # how the kept entries are rescaled, in words (docs/merging.md and --help)
     rescale: str
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from chatvec.core.storage import Store, join
 from chatvec.runs.run_lock import locked_run
+from chatvec.runs.run_report import nightly_check, write_run_report
 from chatvec.runs.sweep import Sweep, SweepPlan, plan_sweep
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,6 @@ def run_sweep(
     from chatvec.core import layout
     from chatvec.core.units import parse_size
     from chatvec.eval import history
-    from chatvec.eval.report import ModelInfo, write_report
 
     history.check_run_id(run_id)
     root = sweep.root or config.storage.root
@@ -231,33 +231,21 @@ def run_sweep(
         reused=reused,
         failed_cells=failed,
     )
-    hist_table, hist_runs, paired = None, [], {}
+    check = None
     if nightly:
-        outcome.previous_run = history.previous_run(store, run_id, sweep=sweep.name)
-        if outcome.previous_run is not None:
-            outcome.changes = history.compare(
-                history.load_summary(store, outcome.previous_run), summary, k=k, min_delta=sweep.nightly.min_delta
-            )
-            # cells both nights scored on the same items are judged item by item (eval/paired.py)
-            from chatvec.eval.browser import load_samples
-            from chatvec.eval.paired import pair_changes
+        check = nightly_check(
+            store,
+            run_id,
+            summary,
+            sweep_name=sweep.name,
+            started_at=info["started_at"],
+            k=k,
+            min_delta=sweep.nightly.min_delta,
+            trend_runs=sweep.nightly.trend_runs,
+        )
+        outcome.previous_run, outcome.changes = check.previous_run, check.changes
 
-            check = pair_changes(
-                outcome.changes,
-                load_samples(history.run_uri(store, outcome.previous_run)),
-                load_samples(results_uri),
-                k=k,
-                min_delta=sweep.nightly.min_delta,
-            )
-            outcome.changes, paired = check.changes, check.paired
-        else:
-            outcome.changes = []
-        # the trend: this sweep's runs up to this one (a rerun of an older night shows its own past)
-        runs = [r for r in history.list_runs(store) if r.has_summary and r.sweep == sweep.name]
-        hist_runs = [r.run_id for r in runs if (r.started_at or "", r.run_id) <= (info["started_at"], run_id)]
-        hist_runs = hist_runs[-sweep.nightly.trend_runs :]
-        hist_table = history.load_summaries(store, hist_runs)
-
+    # what `chatvec report` needs to write this report again from the store
     info.update(
         status="finished",
         finished_at=_now(),
@@ -266,23 +254,18 @@ def run_sweep(
         reused=reused,
         previous_run=outcome.previous_run,
         regressions=len(outcome.regressions),
+        notes=list(notes),
+        k=k,
     )
-    outcome.report_uri = write_report(
+    outcome.report_uri = write_run_report(
         report_uri,
         run_id=run_id,
         summary=summary,
-        models=[ModelInfo.from_dict(m) for m in plan.models()],
-        title=sweep.name,
-        history=hist_table,
-        history_runs=hist_runs,
-        changes=outcome.changes if nightly else None,
-        previous_run=outcome.previous_run,
-        k=k,
-        failed_cells=failed,
-        notes=notes,
-        created_at=info["started_at"],
         results_uri=results_uri,
-        paired_changes=paired,
+        info=info,
+        failed_cells=failed,
+        nightly=check,
+        k=k,
     )
     history.write_run_info(store, run_id, info)
     return outcome

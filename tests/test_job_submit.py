@@ -1,5 +1,5 @@
 """`ray job submit ... -- chatvec merge --workers 2 --out s3://...` against a head started with
-`ray start --head`, token authentication on, exactly as the README shows it."""
+`ray start --head`, token authentication on, exactly as docs/cluster.md shows it."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def _stop_head(head: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
-    """A head started with `ray start --head`, token auth on, as the README shows it.
+    """A head started with `ray start --head`, token auth on, as docs/cluster.md shows it.
 
     RAY_TMPDIR points Ray's default folder into the test's own, so the head's address file
     (which `ray.init()` without an address looks for) is seen only by commands of this module.
