@@ -26,9 +26,13 @@ USER ray
 WORKDIR /app
 
 COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users chatvec/ chatvec/
+COPY --chown=ray:users core/ core/
 COPY --chown=ray:users merge/ merge/
 COPY --chown=ray:users eval/ eval/
 COPY --chown=ray:users cluster/ cluster/
+COPY --chown=ray:users runs/ runs/
+COPY --chown=ray:users cli/ cli/
 COPY --chown=ray:users demo/ demo/
 RUN pip install --no-cache-dir \
         "ray[default]==${RAY_VERSION}" \

@@ -156,10 +156,10 @@ def test_doc_command_is_accepted_by_the_cli(command: DocCommand):
     [
         ("chatvec merge --cp CP --base B --chat C --ratoi 0.5 --out OUT", "No such option"),
         ("chatvec merge --cp CP --base B --chat C --method mean --out OUT", "Invalid value"),
-        ("chatvec merge --cp CP --base B --chat C --ratio half --out OUT", "not a valid float"),
+        ("chatvec merge --cp CP --base B --chat C --density half --out OUT", "not a valid float"),
         ("chatvec eval --model cp=CP", "Missing option '--out'"),
         ("chatvec results a b", "unexpected extra argument"),
-        ("chatvec tune examples/paper.yaml", "no such command 'tune'"),
+        ("chatvec frobnicate examples/paper.yaml", "no such command 'frobnicate'"),
     ],
 )
 def test_a_wrong_command_is_rejected(line: str, problem: str):

@@ -131,11 +131,11 @@ def archs(tmp_path_factory):
 
 
 def _merge(recipe, out: Path):
-    from chatvec.merge.pipeline import merge_local
+    from chatvec.cluster.merge_driver import run_merge_job
     from chatvec.merge.plan import build_plan
 
     plan = build_plan(recipe, shard_size=40_000)
-    merge_local(plan, str(out), progress=False)
+    run_merge_job(plan, str(out), progress=False)
     return plan, load_tensors(out)
 
 
@@ -292,7 +292,7 @@ def test_dare_with_ratio_and_density_schedules(hand):
 def test_mergekit_gradient_and_filters(hand):
     """mergekit's `weight: [{filter: ..., value: [gradient]}, {value: ...}]`: base + W * tau, W per tensor."""
     from chatvec.merge.mergekit_config import load_mergekit_config
-    from chatvec.merge.pipeline import merge_local
+    from chatvec.cluster.merge_driver import run_merge_job
     from chatvec.merge.plan import build_plan
 
     names = [f"model.layers.{i}.{m}.w" for i in range(4) for m in ("self_attn", "mlp")]
@@ -318,7 +318,7 @@ def test_mergekit_gradient_and_filters(hand):
         "lm_head": [0.0, 2.0],
         "default": 0.5,
     }
-    merge_local(build_plan(recipe), str(root / "out"), progress=False)
+    run_merge_job(build_plan(recipe), str(root / "out"), progress=False)
     out = load_tensors(root / "out")
     for name in names:
         layer = int(name.split(".")[2]) if "layers" in name else None
