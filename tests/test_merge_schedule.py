@@ -291,8 +291,8 @@ def test_dare_with_ratio_and_density_schedules(hand):
 
 def test_mergekit_gradient_and_filters(hand):
     """mergekit's `weight: [{filter: ..., value: [gradient]}, {value: ...}]`: base + W * tau, W per tensor."""
-    from chatvec.merge.mergekit_config import load_mergekit_config
     from chatvec.cluster.merge_driver import run_merge_job
+    from chatvec.merge.mergekit_config import load_mergekit_config
     from chatvec.merge.plan import build_plan
 
     names = [f"model.layers.{i}.{m}.w" for i in range(4) for m in ("self_attn", "mlp")]
