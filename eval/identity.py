@@ -142,7 +142,8 @@ def options_identity(spec: BenchmarkSpec, settings: RunSettings) -> str:
     from chatvec.eval.kinds import get_kind
 
     kind = get_kind(spec.kind)
-    described = spec.model_dump(mode="json", exclude={"data", "description", "name", "max_new_tokens"})
+    # the gate is applied to stored rows when summarizing (chatvec.eval.gating): no row depends on it
+    described = spec.model_dump(mode="json", exclude={"data", "description", "name", "max_new_tokens", "gate"})
     budget = None
     if kind.generates:
         budget = spec.max_new_tokens or kind.default_max_new_tokens

@@ -29,6 +29,7 @@ import pyarrow as pa
 from chatvec.core.errors import InputError
 from chatvec.core.storage import Store
 from chatvec.eval.benchmarks import BenchmarkSpec, check_name, filter_languages, resolve_benchmarks
+from chatvec.eval.gating import gates_of
 from chatvec.eval.identity import CellIdentity, cell_identity, model_identity
 from chatvec.eval.preflight import check_models
 from chatvec.eval.results import (
@@ -407,7 +408,7 @@ def run_pipeline(
                 progress.close()
             results += got
             _merge_loads(loads, made)
-    summary = summarize(store, run_id)
+    summary = summarize(store, run_id, gates=gates_of(c.spec for c in cells))
     write_summary(store, summary)
     return EvalOutcome(
         run_id=run_id, out_uri=out_uri, summary=summary, results=results, loads=loads, cells=len(cells), redone=redone

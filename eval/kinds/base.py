@@ -106,6 +106,9 @@ class Kind:
     generates: ClassVar[bool] = True  # produces answers (language fidelity is scored)
     uses_items: ClassVar[bool] = True  # False: the data source names something else (lm-eval tasks)
     default_max_new_tokens: ClassVar[int] = 256
+    # metric -> its worst value, for metrics where lower is better (what an answer in the wrong
+    # language scores under ``gate: in_language``); other metrics fail with 0
+    worst: ClassVar[dict[str, float]] = {}
 
     # -- data ---------------------------------------------------------------------------------
     @classmethod
@@ -133,6 +136,14 @@ class Kind:
         """(value, stderr, n) of one metric over a cell's rows: the mean of the scored rows and
         its standard error (sample standard deviation / sqrt(n); None for n < 2)."""
         return mean_stderr([r["score"] for r in rows if r["score"] is not None])
+
+    def gate_failure(self, metric: str) -> float | None:
+        """What an answer outside the target language scores on ``metric`` when the benchmark is
+        gated (``chatvec.eval.gating``); None: the metric is not gated (language fidelity itself,
+        or a kind with no generated text)."""
+        if not self.generates or metric == "in_language":
+            return None
+        return self.worst.get(metric, 0.0)
 
     # -- judging ------------------------------------------------------------------------------
     def judge_prompt(self, row: dict) -> str | None:
