@@ -89,6 +89,13 @@ def benchmarks(fields: bool) -> None:
     "endpoint (OPENAI_BASE_URL, OPENAI_API_KEY). None: they stay unscored.",
 )
 @click.option(
+    "--toxicity",
+    default=None,
+    metavar="perspective|hf:MODEL",
+    help="Scorer for toxicity benchmarks: 'perspective' (Google's Perspective API, key in "
+    "PERSPECTIVE_API_KEY) or hf:MODEL (a Hugging Face sequence-classification model). None: unscored.",
+)
+@click.option(
     "--judge-max-tokens",
     type=click.IntRange(min=1),
     default=None,
@@ -114,6 +121,7 @@ def eval_cmd(
     languages,
     engine,
     judge,
+    toxicity,
     judge_max_tokens,
     workers,
     device,
@@ -146,6 +154,7 @@ def eval_cmd(
         limit=limit,
         judge_max_new_tokens=judge_max_tokens,
         show_progress=not quiet,
+        toxicity=toxicity,
     )
     click.echo(format_summary(outcome.summary))
     if outcome.redone:

@@ -116,7 +116,7 @@ class BenchmarkFile(BaseModel):
 
 # -- shipped samples ------------------------------------------------------------------------------
 def data_dir() -> str:
-    return str(resources.files("eval") / "data")
+    return str(resources.files("chatvec.eval") / "data")
 
 
 def source_path(source: str) -> str:
@@ -163,7 +163,11 @@ def _checked(spec: BenchmarkSpec) -> BenchmarkSpec:
     from chatvec.eval.gating import check_gate
     from chatvec.eval.kinds import kind_class
 
-    check_gate(spec.name, spec.gate, kind_class(spec.kind))
+    kind = kind_class(spec.kind)
+    check_gate(spec.name, spec.gate, kind)
+    problems = kind.check_settings(spec)
+    if problems:
+        raise InputError(f"benchmark {spec.name!r} ({spec.kind}): " + "; ".join(problems))
     return spec
 
 

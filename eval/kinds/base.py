@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from chatvec.eval.engines.base import Engine
     from chatvec.eval.fidelity import FidelityScorer
     from chatvec.eval.prompts import Prompts
+    from chatvec.eval.toxicity import ToxicityScorer
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class CellContext:
     judge: bool  # a judge will score judged metrics later
     max_new_tokens: int | None = None  # a run-wide cap (quick runs, demos)
     progress: bool = False
+    toxicity: ToxicityScorer | None = None  # for kinds that score toxicity (None: none given)
 
     def decoding(self, kind: Kind) -> Decoding:
         n = self.spec.max_new_tokens or kind.default_max_new_tokens
@@ -109,6 +111,7 @@ class Kind:
     # metric -> its worst value, for metrics where lower is better (what an answer in the wrong
     # language scores under ``gate: in_language``); other metrics fail with 0
     worst: ClassVar[dict[str, float]] = {}
+    uses_toxicity: ClassVar[bool] = False  # its rows are scored by the run's toxicity scorer
 
     # -- data ---------------------------------------------------------------------------------
     @classmethod
@@ -127,6 +130,11 @@ class Kind:
             if (isinstance(value, bool) and bool not in f.types) or not isinstance(value, f.types):
                 problems.append(f"field {f.name!r} must be a {f.type_names()}, got {type(value).__name__}")
         return problems
+
+    @classmethod
+    def check_settings(cls, spec: BenchmarkSettings) -> list[str]:
+        """Problems with a benchmark's options for this kind (checked before any model loads)."""
+        return []
 
     # -- running ------------------------------------------------------------------------------
     def run(self, items: list[dict], ctx: CellContext) -> list[dict]:
