@@ -89,6 +89,13 @@ def benchmarks(fields: bool) -> None:
     "endpoint (OPENAI_BASE_URL, OPENAI_API_KEY). None: they stay unscored.",
 )
 @click.option(
+    "--toxicity",
+    default=None,
+    metavar="perspective|hf:MODEL",
+    help="Scorer for toxicity benchmarks: 'perspective' (Google's Perspective API, key in "
+    "PERSPECTIVE_API_KEY) or hf:MODEL (a Hugging Face sequence-classification model). None: unscored.",
+)
+@click.option(
     "--judge-max-tokens",
     type=click.IntRange(min=1),
     default=None,
@@ -121,6 +128,7 @@ def eval_cmd(
     languages,
     engine,
     judge,
+    toxicity,
     judge_max_tokens,
     workers,
     replicas,
@@ -155,6 +163,7 @@ def eval_cmd(
         judge_max_new_tokens=judge_max_tokens,
         show_progress=not quiet,
         replicas=parse_replicas(replicas),
+        toxicity=toxicity,
     )
     click.echo(format_summary(outcome.summary))
     if outcome.redone:

@@ -248,10 +248,18 @@ def results(run, root, config_path, compare, k):
         )
         return 0
     if run:
-        table = history.load_summary(store, run)
+        from chatvec.eval.tabulate import with_gated
+
+        pairs = with_gated(history.load_summary(store, run).to_pylist())
         cols = ["model", "language", "benchmark", "metric", "value", "stderr", "n"]
-        rows = sorted(([r.get(c) for c in cols] for r in table.to_pylist()), key=lambda r: tuple(str(x) for x in r[:4]))
-        click.echo(_table(cols, rows))
+        gated = any(g is not None for _r, g in pairs)
+        rows = []
+        for r, g in pairs:
+            line = [r.get(c) for c in cols]
+            if gated:  # the in-language-only value beside the plain one (gate: in_language)
+                line += [g.get(c) for c in ("value", "stderr", "n")] if g is not None else [None] * 3
+            rows.append(line)
+        click.echo(_table(cols + (["@lang value", "@lang stderr", "@lang n"] if gated else []), rows))
         info = history.read_run_info(store, run)
         if info.get("failed_cells"):
             click.echo(f"\n{len(info['failed_cells'])} failed cell(s): " + "; ".join(info["failed_cells"]))

@@ -410,6 +410,7 @@ def run_eval(
     judge_max_new_tokens: int | None = None,
     show_progress: bool = True,
     replicas: int | str | None = None,
+    toxicity: str | None = None,
 ) -> EvalOutcome:
     """Evaluate ``models`` ({name: uri}) on benchmarks x languages into ``out_uri``.
 
@@ -417,7 +418,8 @@ def run_eval(
     section (``config``: a ChatvecConfig; None loads ray_config.yaml or the defaults). ``workers``
     0 runs in this process without Ray; N >= 1 runs N eval actors on Ray. ``max_new_tokens`` caps
     every benchmark's generation length and the judge's (``judge_max_new_tokens``), ``limit`` the
-    items per cell (quick runs). Finished cells already in ``out_uri`` are kept unless their inputs
+    items per cell (quick runs). ``toxicity`` names the toxicity scorer (``perspective``,
+    ``hf:MODEL``) for toxicity benchmarks. Finished cells already in ``out_uri`` are kept unless their inputs
     changed; the returned outcome lists every cell's result and the cells redone, with why.
     """
     from chatvec.core.config import load_config
@@ -451,6 +453,7 @@ def run_eval(
         settings=settings,
         executor=executor,
         show_progress=show_progress,
+        toxicity=toxicity,
     )
 
 

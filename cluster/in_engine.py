@@ -355,6 +355,7 @@ class InEngineRun:
         max_new_tokens,
         limit,
         judge_max_new_tokens=None,
+        toxicity=None,
     ):
         """The in-engine models of one evaluation group (the others go through run_eval as usual)."""
         from chatvec.cluster.eval_driver import run_settings
@@ -382,6 +383,7 @@ class InEngineRun:
             executor=executor,
             show_progress=False,
             model_identities={name: p.identity for name, p in points.items()},
+            toxicity=toxicity,
         )
         self.timings.add(executor.timings)
         return outcome

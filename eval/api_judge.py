@@ -20,39 +20,28 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
 from chatvec.core.errors import ChatvecError
 from chatvec.eval.contracts import JudgeReply
+from chatvec.eval.retry import RETRY_STATUS, RetryPolicy, public_url, retry_after_seconds
+from chatvec.eval.retry import short as _short
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 PREFIX = "openai:"
-RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
-MAX_RETRY_AFTER_S = 60.0
 
 
 class APIJudgeError(ChatvecError):
     """The API judge cannot be used as configured."""
-
-
-def public_url(url: str) -> str:
-    """``url`` without user, password, query or fragment: safe to record and print."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
 
 
 def parse_spec(spec: str) -> str:
@@ -60,19 +49,6 @@ def parse_spec(spec: str) -> str:
     if not spec.startswith(PREFIX) or not spec[len(PREFIX) :].strip():
         raise APIJudgeError(f"an API judge is given as 'openai:MODEL' (e.g. openai:gpt-4o), got {spec!r}")
     return spec[len(PREFIX) :].strip()
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_retries: int = 6
-    backoff_s: float = 1.0  # first wait; doubles each retry, with jitter
-    max_backoff_s: float = 30.0
-
-    def wait(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), MAX_RETRY_AFTER_S)
-        base = min(self.backoff_s * (2**attempt), self.max_backoff_s)
-        return base * (0.5 + random.random() / 2)  # jitter: concurrent retries spread out
 
 
 class APIJudge:
@@ -251,16 +227,5 @@ class _ScrubFilter(logging.Filter):
 _LOG_SCRUBBER = _ScrubFilter()
 
 
-def _short(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _retry_after(response: Any) -> float | None:
-    value = getattr(response, "headers", {}).get("retry-after") if response is not None else None
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None  # an HTTP date: fall back to our own backoff
+    return retry_after_seconds(getattr(response, "headers", {}).get("retry-after") if response is not None else None)

@@ -22,6 +22,8 @@ Three ways to name benchmarks (``--benchmark`` and ``run_eval(benchmarks=...)`` 
           limit: 80                         # at most this many items per language
           scripts: {}                       # language -> script, for languages no detector knows,
                                             # e.g. {toy-l1: Latin, toy-l2: Cyrillic}
+          gate: in_language                 # also report each metric counting only answers in
+                                            # the target language (eval/gating.py)
 
 The item fields each kind needs are in ``eval/kinds/<kind>.py`` and in ``chatvec benchmarks
 --fields``.
@@ -81,6 +83,9 @@ class BenchmarkSpec(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="kind-specific settings")
     # languages the language detector does not know, told apart by the script of their letters
     scripts: dict[str, str] = Field(default_factory=dict, description="language code -> Unicode script name")
+    # "in_language": metrics also reported as <metric>@lang (chatvec.eval.gating); checked with the
+    # kind in parse_benchmark, so a bad value is an InputError however the spec was made
+    gate: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -151,6 +156,22 @@ def shipped_benchmarks() -> list[BenchmarkSpec]:
 # -- parsing what the user named ------------------------------------------------------------------
 def parse_benchmark(arg: str | BenchmarkSpec) -> list[BenchmarkSpec]:
     """Specs named by one ``--benchmark`` value (see the module docstring for the forms)."""
+    return [_checked(spec) for spec in _parse(arg)]
+
+
+def _checked(spec: BenchmarkSpec) -> BenchmarkSpec:
+    from chatvec.eval.gating import check_gate
+    from chatvec.eval.kinds import kind_class
+
+    kind = kind_class(spec.kind)
+    check_gate(spec.name, spec.gate, kind)
+    problems = kind.check_settings(spec)
+    if problems:
+        raise InputError(f"benchmark {spec.name!r} ({spec.kind}): " + "; ".join(problems))
+    return spec
+
+
+def _parse(arg: str | BenchmarkSpec) -> list[BenchmarkSpec]:
     if isinstance(arg, BenchmarkSpec):
         return [_absolute(arg, None)]
     arg = arg.strip()
@@ -208,6 +229,11 @@ def resolve_benchmarks(benchmarks: Iterable[str | BenchmarkSpec] | None) -> list
                 raise InputError(
                     f"benchmark {spec.name!r} is named twice with different kinds "
                     f"({have.kind}, {spec.kind}); give them different names"
+                )
+            if have.gate != spec.gate:
+                raise InputError(
+                    f"benchmark {spec.name!r} is named twice with different gates ({have.gate}, {spec.gate}); "
+                    "give them different names or the same gate"
                 )
             clash = set(have.data) & set(spec.data)
             if clash and any(have.data[k] != spec.data[k] for k in clash):

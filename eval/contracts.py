@@ -73,6 +73,8 @@ class RunContext:
     languages: tuple[str, ...]  # every language of the run (language detection compares them)
     judged: bool  # a judge will score the judged metrics
     judge_identity: str | None = None  # recorded in the identity of judged cells
+    toxicity: str | None = None  # the toxicity scorer's spec (chatvec.eval.toxicity), loaded where cells run
+    toxicity_identity: str | None = None  # recorded in the identity of toxicity cells
 
 
 @dataclass

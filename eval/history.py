@@ -45,7 +45,9 @@ class RunNotFoundError(ChatvecError):
 
 
 def lower_is_better(metric: str) -> bool:
-    m = metric.lower()
+    from chatvec.eval.gating import base_metric
+
+    m = base_metric(metric).lower()  # a gated metric (exact_match@lang) runs the way its base does
     return any(s in m for s in LOWER_IS_BETTER)
 
 

@@ -8,7 +8,8 @@ A cell's identity has five parts, each a short digest or a name:
 - ``data``: the benchmark items the cell ran (after field mapping and limits);
 - ``options``: the kind, its options, the prompt settings and the decoding, with the run's caps;
 - ``engine``: the engine's name and its library's version (``hf 5.17.0``, ``vllm 0.32.0``);
-- ``judge``: the judge's identity, for cells with judged rows (recorded by the judge phase).
+- ``judge``: the judge's identity, for cells with judged rows (recorded by the judge phase);
+- ``scorer``: the toxicity scorer's identity, for cells of kinds that use one (``toxicity``).
 
 The identity is stored in the cell's samples file (Parquet metadata), so it travels with the
 rows it describes. A part the planning side cannot know (a model it cannot reach, an engine not
@@ -38,6 +39,7 @@ _REASONS = {
     "options": "the benchmark's options or decoding changed",
     "engine": "the engine or its version changed",
     "judge": "the judge changed",
+    "scorer": "the toxicity scorer changed",
 }
 
 
@@ -53,6 +55,7 @@ class CellIdentity:
     options: str | None = None
     engine: str | None = None
     judge: str | None = None
+    scorer: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -66,7 +69,7 @@ class CellIdentity:
         return replace(self, judge=judge)
 
     def changes(
-        self, recorded: CellIdentity, *, parts: Sequence[str] = ("model", "data", "options", "engine")
+        self, recorded: CellIdentity, *, parts: Sequence[str] = ("model", "data", "options", "engine", "scorer")
     ) -> list[str]:
         """The reasons ``recorded`` no longer matches this identity (empty: the same inputs)."""
         out = []
@@ -142,7 +145,8 @@ def options_identity(spec: BenchmarkSpec, settings: RunSettings) -> str:
     from chatvec.eval.kinds import get_kind
 
     kind = get_kind(spec.kind)
-    described = spec.model_dump(mode="json", exclude={"data", "description", "name", "max_new_tokens"})
+    # the gate is applied to stored rows when summarizing (chatvec.eval.gating): no row depends on it
+    described = spec.model_dump(mode="json", exclude={"data", "description", "name", "max_new_tokens", "gate"})
     budget = None
     if kind.generates:
         budget = spec.max_new_tokens or kind.default_max_new_tokens
@@ -170,11 +174,16 @@ def cell_identity(
     items: list[dict],
     settings: RunSettings,
     judge: str | None = None,
+    toxicity: str | None = None,
 ) -> CellIdentity:
+    """``toxicity``: the run's toxicity scorer identity, recorded for the kinds that use one."""
+    from chatvec.eval.kinds import kind_class
+
     return CellIdentity(
         model=model,
         data=data_identity(spec, language, items),
         options=options_identity(spec, settings),
         engine=engine_identity(settings.engine),
         judge=judge,
+        scorer=toxicity if kind_class(spec.kind).uses_toxicity else None,
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -226,14 +227,35 @@ class PairedCheck:
 
 
 def _by_cell(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str, str, str], dict[str, float]]:
+    """(model, language, benchmark, metric) -> item -> score; each gateable metric also under its
+    gated name (``exact_match@lang``), scored as chatvec.eval.gating scores it, so a gated
+    summary row is compared item by item like any other."""
+    from chatvec.eval.gating import gated_name, gated_score
+
     out: dict[tuple[str, str, str, str], dict[str, float]] = {}
     for r in rows:
         if r.get("kind") in UNPAIRED_KINDS:
             continue
-        cell = out.setdefault((r["model"], r["language"], r["benchmark"], r["metric"]), {})
-        if r["score"] is not None and not math.isnan(r["score"]):
-            cell[str(r["item_id"])] = float(r["score"])
+        scores = [(r["metric"], r["score"])]
+        failure = _gate_failure(r.get("kind"), r["metric"])
+        if failure is not None:
+            scores.append((gated_name(r["metric"]), gated_score(r["score"], r.get("in_language"), failure)))
+        for metric, score in scores:
+            cell = out.setdefault((r["model"], r["language"], r["benchmark"], metric), {})
+            if score is not None and not math.isnan(score):
+                cell[str(r["item_id"])] = float(score)
     return out
+
+
+@lru_cache(maxsize=256)
+def _gate_failure(kind_name: str | None, metric: str) -> float | None:
+    from chatvec.core.errors import InputError
+    from chatvec.eval.kinds import get_kind
+
+    try:
+        return get_kind(kind_name).gate_failure(metric) if kind_name else None
+    except InputError:  # a kind this installation does not know: its rows are compared ungated only
+        return None
 
 
 def pair_changes(

@@ -39,6 +39,7 @@ from chatvec.eval.contracts import (
     RunContext,
     RunSettings,
 )
+from chatvec.eval.gating import gates_of
 from chatvec.eval.identity import CellIdentity, cell_identity, model_identity
 from chatvec.eval.preflight import check_models
 from chatvec.eval.results import (
@@ -99,6 +100,7 @@ def planned_identities(
     items: Mapping[tuple[str, str], list[dict]],
     model_ids: Mapping[str, str | None],
     settings: RunSettings,
+    toxicity: str | None = None,
 ) -> dict[Cell, CellIdentity]:
     """The identity each cell would have if computed now."""
     out = {}
@@ -107,7 +109,12 @@ def planned_identities(
         if settings.limit:
             used = used[: settings.limit]
         out[cell] = cell_identity(
-            model=model_ids.get(cell.model), spec=cell.spec, language=cell.language, items=used, settings=settings
+            model=model_ids.get(cell.model),
+            spec=cell.spec,
+            language=cell.language,
+            items=used,
+            settings=settings,
+            toxicity=toxicity,
         )
     return out
 
@@ -220,17 +227,22 @@ def run_pipeline(
     executor: CellExecutor,
     show_progress: bool = True,
     model_identities: Mapping[str, str] | None = None,
+    toxicity: str | None = None,
 ) -> EvalOutcome:
     """Evaluate ``models`` ({name: uri}) on benchmarks x languages into ``out_uri``, cells run by
     ``executor``. ``model_identities`` overrides the identity of named
     models (weights swapped into an engine carry their merge fingerprint)."""
     from chatvec.eval.judging import judge_identity
+    from chatvec.eval.toxicity_scorers import absolute_toxicity, toxicity_identity
 
     models, judge, out_uri = absolute_run_args(models, judge, out_uri)
+    toxicity = absolute_toxicity(toxicity)
+    # an unknown scorer or a missing key fails here, before anything is written or loaded
+    scorer_id = toxicity_identity(toxicity) if toxicity else None
     store = Store(out_uri)  # the run's one Store for its output
     run_id, cells, items = plan_run(models, benchmarks=benchmarks, languages=languages, store=store, run_id=run_id)
     ids = {m: (model_identities or {}).get(m) or model_identity(uri) for m, uri in models.items()}
-    planned = planned_identities(cells, items, ids, settings)
+    planned = planned_identities(cells, items, ids, settings, scorer_id)
     todo, redone = cells_to_generate(store, cells, planned)
     _tell_redone(redone, "computing")
     settings = executor.start(settings)
@@ -241,6 +253,8 @@ def run_pipeline(
         languages=languages_in_play(cells),
         judged=judge is not None,
         judge_identity=judge_identity(judge, settings) if judge else None,
+        toxicity=toxicity,
+        toxicity_identity=scorer_id,
     )
     todo_set = set(todo)
     results = [CellResult.of(c, SKIPPED, GENERATE) for c in cells if c not in todo_set]
@@ -268,7 +282,7 @@ def run_pipeline(
                 progress.close()
             results += got
             _merge_loads(loads, made)
-    summary = summarize(store, run_id)
+    summary = summarize(store, run_id, gates=gates_of(c.spec for c in cells))
     write_summary(store, summary)
     return EvalOutcome(
         run_id=run_id, out_uri=out_uri, summary=summary, results=results, loads=loads, cells=len(cells), redone=redone

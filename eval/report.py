@@ -28,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 from chatvec.core.storage import Store
+from chatvec.eval.gating import split_metric
 from chatvec.eval.history import Change, lower_is_better
 from chatvec.eval.report_answers import browser_html, judge_status_html, paired_html, paired_rows
 from chatvec.eval.report_plots import (
@@ -426,6 +427,13 @@ def write_report(
         parts.append("<p>No results.</p>")
     else:
         parts.append(f'<p class="meta">{html.escape(INTERVAL_NOTE)}</p>')
+        if any(split_metric(m)[1] for m in metrics):
+            parts.append(
+                '<p class="meta">A metric ending in <code>@lang</code> is its benchmark\'s metric counting only '
+                "answers in the target language (<code>gate: in_language</code>): an answer in another "
+                "language fails, one whose language could not be told is left out of n. It follows the "
+                "plain metric, so the two sit side by side.</p>"
+            )
     for i, metric in enumerate(metrics):
         cells = _cells(rows, layout, metric)
         if not cells:

@@ -31,6 +31,8 @@ RATE_METRICS = frozenset(
         "acc",
         "acc_norm",
         "accuracy",
+        "toxic_rate",
+        "toxicity_probability",
     }
 )
 INTERVAL_NOTE = (
@@ -46,11 +48,14 @@ HEADLINE = (
     ("judge_score", "instruction following (judge 0-10)"),
     ("in_language", "language fidelity: answers in the target language"),
     ("unsafe", "unsafe answers"),
+    ("toxicity", "TOX: toxicity of continuations (the paper's column; lower is better)"),
 )
 
 
 def is_rate(metric: str, mean: float) -> bool:
-    return metric in RATE_METRICS and 0.0 <= mean <= 1.0
+    from chatvec.eval.gating import base_metric
+
+    return base_metric(metric) in RATE_METRICS and 0.0 <= mean <= 1.0
 
 
 def wilson(p: float, n: int, z: float = Z95) -> tuple[float, float]:
@@ -247,8 +252,18 @@ def plot_ratio(metric: str, cells: dict, layout) -> bytes | None:
 
 
 def headline_metrics(metrics: Sequence[str]) -> list[tuple[str, str]]:
+    """The headline metrics present, each followed by its gated form when a benchmark is gated
+    (``exact_match@lang``: only answers in the target language count), so they sit side by side."""
+    from chatvec.eval.gating import gated_name
+
     have = set(metrics)
-    return [(m, what) for m, what in HEADLINE if m in have]
+    out = []
+    for m, what in HEADLINE:
+        if m in have:
+            out.append((m, what))
+        if m != "in_language" and gated_name(m) in have:
+            out.append((gated_name(m), f"{what}, counting only answers in the target language"))
+    return out
 
 
 def plot_overview(headline: Sequence[tuple[str, str]], cells_by_metric: dict[str, dict], layout) -> bytes | None:

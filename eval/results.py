@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Mapping
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -167,13 +168,16 @@ def write_status(store: Store, cell: Cell, state: str, **info) -> dict:
 
 
 # -- summary --------------------------------------------------------------------------------------
-def summarize(out: Store | str, run_id: str | None = None) -> pa.Table:
+def summarize(out: Store | str, run_id: str | None = None, gates: Mapping[str, str] | None = None) -> pa.Table:
     """One row per model x language x benchmark x metric over every samples file under ``out``.
 
     ``value``/``stderr``/``n`` come from the kind's ``aggregate`` (a mean and its standard error
     for most metrics); ``n_unscored`` counts rows whose score is null (not judged, unreadable
-    judgments, no detector for the language).
+    judgments, no detector for the language). ``gates`` (benchmark -> gate) adds the gated
+    metrics of those benchmarks (``exact_match@lang``, ``chatvec.eval.gating``), computed here
+    from the rows' stored ``in_language``.
     """
+    from chatvec.eval.gating import gated_name, gated_rows
     from chatvec.eval.kinds import get_kind
 
     store = as_store(out)
@@ -199,23 +203,29 @@ def summarize(out: Store | str, run_id: str | None = None) -> pa.Table:
                 from chatvec.eval.kinds.base import Kind
 
                 kinds[kind_name] = Kind()
-        value, stderr, n = kinds[kind_name].aggregate(metric, members)
-        rows.append(
-            dict(
-                run_id=run,
-                model=model,
-                language=language,
-                benchmark=benchmark,
-                kind=kind_name,
-                metric=metric,
-                value=value,
-                stderr=stderr,
-                n=n,
-                n_unscored=sum(1 for r in members if r["score"] is None),
-                schema_version=SCHEMA_VERSION,
-                created_at=created,
+        variants = [(metric, members)]
+        if (gates or {}).get(benchmark):
+            gated = gated_rows(kinds[kind_name], metric, members)
+            if gated is not None:
+                variants.append((gated_name(metric, gates[benchmark]), gated))
+        for name, subset in variants:
+            value, stderr, n = kinds[kind_name].aggregate(metric, subset)
+            rows.append(
+                dict(
+                    run_id=run,
+                    model=model,
+                    language=language,
+                    benchmark=benchmark,
+                    kind=kind_name,
+                    metric=name,
+                    value=value,
+                    stderr=stderr,
+                    n=n,
+                    n_unscored=sum(1 for r in subset if r["score"] is None),
+                    schema_version=SCHEMA_VERSION,
+                    created_at=created,
+                )
             )
-        )
     return summary_table(rows)
 
 

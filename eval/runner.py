@@ -122,6 +122,7 @@ class ModelEvaluator(_LoadedOnce):
         self.load_error: str | None = None
         self.loads: Counter = Counter()
         self._scorers: dict[tuple, object] = {}
+        self._toxicity = None  # the run's toxicity scorer, loaded for the first cell that needs it
 
     # -- the engine -------------------------------------------------------------------------------
     def _load_engine(self) -> Engine:
@@ -148,6 +149,18 @@ class ModelEvaluator(_LoadedOnce):
         if self.engine is not None and self._owns_engine:
             self.engine.close()
         self.engine = None
+        if self._toxicity is not None:
+            self._toxicity.close()
+            self._toxicity = None
+
+    def toxicity(self):
+        """The run's toxicity scorer (chatvec.eval.toxicity), loaded once in this evaluator; None
+        when the run has none."""
+        if self._toxicity is None and self.run.toxicity:
+            from chatvec.eval.toxicity_scorers import make_toxicity
+
+            self._toxicity = make_toxicity(self.run.toxicity, self.settings)
+        return self._toxicity
 
     # -- cells ------------------------------------------------------------------------------------
 
@@ -236,7 +249,12 @@ class ModelEvaluator(_LoadedOnce):
         if self.identity is None:
             self.identity = model_identity(self.uri)
         identity = cell_identity(
-            model=self.identity, spec=spec, language=cell.language, items=items, settings=self.settings
+            model=self.identity,
+            spec=spec,
+            language=cell.language,
+            items=items,
+            settings=self.settings,
+            toxicity=self.run.toxicity_identity,
         )
         if span is not None:  # a chunk: the identity above is the whole cell's
             items = items[span[0] : span[1]]
@@ -249,6 +267,7 @@ class ModelEvaluator(_LoadedOnce):
             judge=self.run.judged,
             max_new_tokens=self.settings.max_new_tokens,
             progress=self.settings.progress,
+            toxicity=self.toxicity() if kind.uses_toxicity else None,
         )
         rows = kind.run(items, ctx)
         created = now()

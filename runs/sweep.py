@@ -11,6 +11,7 @@ with baselines on each target's benchmarks, and reported. One YAML file describe
     embeddings: skip                  # or a list to sweep: [all, skip]
     baselines: {cp: true, chat: true, extra: {}}
     judge: YOUR_ORG/judge-model
+    toxicity: perspective             # or hf:MODEL: scores the toxicity benchmarks' continuations
     root: s3://bucket/chatvec         # default: storage.root of ray_config.yaml
     eval: {limit: 80, max_new_tokens: 1024}   # optional caps for quick runs
     nightly: {k: 2.0}                 # regression threshold, in combined stderrs
@@ -162,6 +163,7 @@ class Sweep(_Strict):
     baselines: Baselines = Field(default_factory=Baselines)
     judge: str | None = None
     judge_max_tokens: int | None = Field(default=None, ge=1)  # default: eval.judge_max_new_tokens
+    toxicity: str | None = None  # toxicity scorer: "perspective" or "hf:MODEL" (chatvec.eval.toxicity)
     engine: Literal["hf", "vllm"] | None = None  # default: eval.engine of ray_config.yaml
     # swap each merge point into an engine loaded from its CP model instead of writing checkpoints
     # (cluster/in_engine.py); points whose vocabulary grows are still merged to checkpoints
@@ -335,6 +337,13 @@ def check_benchmarks(sweep: Sweep) -> list[str]:
                     f"target {t.key}: benchmark {spec.name!r} has no data in {t.language} "
                     f"(it has {', '.join(spec.languages)}); name a benchmark of that language"
                 )
+    if sweep.toxicity:  # an unknown scorer or a missing key is found before anything merges
+        from chatvec.eval.toxicity_scorers import absolute_toxicity, toxicity_identity
+
+        try:
+            toxicity_identity(absolute_toxicity(sweep.toxicity))
+        except ChatvecError as exc:
+            problems.append(f"toxicity: {exc}")
     return problems
 
 

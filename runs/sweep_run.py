@@ -112,6 +112,7 @@ def _evaluate(
             batch_size=sweep.eval.batch_size,
             max_new_tokens=sweep.eval.max_new_tokens,
             limit=sweep.eval.limit,
+            toxicity=sweep.toxicity,
         )
         models, outcomes = dict(group.models), []
         if in_engine is not None:

@@ -1,7 +1,8 @@
 """Small OpenAI-compatible servers on loopback that fail in scripted ways, for the API judge's tests.
 
-``ScriptedServer(script)`` answers ``POST /v1/chat/completions``: each request takes the next
-step of the script (the last step repeats). A step is a callable ``(handler, body) -> None``
+``ScriptedServer(script)`` answers ``POST /v1/chat/completions`` (or the path given as ``route``,
+e.g. Perspective's ``/comments:analyze``): each request takes the next step of the script (the
+last step repeats). A step is a callable ``(handler, body) -> None``
 that writes the whole response. Every request's JSON body and headers are recorded.
 """
 
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 Step = Callable[[BaseHTTPRequestHandler, dict], None]
 
@@ -79,8 +81,9 @@ def stall(seconds: float, then: Step) -> Step:
 
 
 class ScriptedServer:
-    def __init__(self, script: list[Step]) -> None:
+    def __init__(self, script: list[Step], route: str = "/chat/completions") -> None:
         self.script = list(script)
+        self.route = route
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.arrivals: list[float] = []  # when each request came in (monotonic clock)
@@ -104,7 +107,7 @@ class ScriptedServer:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
-                    if not self.path.endswith("/chat/completions"):
+                    if not urlsplit(self.path).path.endswith(server.route):
                         _send(self, 404, b'{"error": {"message": "no such route"}}')
                         return
                     step(self, body)

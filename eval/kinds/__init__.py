@@ -18,6 +18,9 @@ KINDS.register("multiturn", "chatvec.eval.kinds.multiturn:MultiturnKind", summar
 KINDS.register("perplexity", "chatvec.eval.kinds.perplexity:PerplexityKind", summary="perplexity of reference text")
 KINDS.register("safety", "chatvec.eval.kinds.safety:SafetyKind", summary="unsafe rate by judge, refusal rate")
 KINDS.register("task", "chatvec.eval.kinds.task:TaskKind", summary="exact answers checked by rule")
+KINDS.register(
+    "toxicity", "chatvec.eval.kinds.toxicity:ToxicityKind", summary="continuations scored by a toxicity classifier"
+)
 KINDS.register("lm-eval", "chatvec.eval.kinds.lmeval:LmEvalKind", summary="an lm-evaluation-harness task")
 
 

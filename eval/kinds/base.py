@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from chatvec.eval.engines.base import Engine
     from chatvec.eval.fidelity import FidelityScorer
     from chatvec.eval.prompts import Prompts
+    from chatvec.eval.toxicity import ToxicityScorer
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class CellContext:
     judge: bool  # a judge will score judged metrics later
     max_new_tokens: int | None = None  # a run-wide cap (quick runs, demos)
     progress: bool = False
+    toxicity: ToxicityScorer | None = None  # for kinds that score toxicity (None: none given)
 
     def decoding(self, kind: Kind) -> Decoding:
         n = self.spec.max_new_tokens or kind.default_max_new_tokens
@@ -106,6 +108,10 @@ class Kind:
     generates: ClassVar[bool] = True  # produces answers (language fidelity is scored)
     uses_items: ClassVar[bool] = True  # False: the data source names something else (lm-eval tasks)
     default_max_new_tokens: ClassVar[int] = 256
+    # metric -> its worst value, for metrics where lower is better (what an answer in the wrong
+    # language scores under ``gate: in_language``); other metrics fail with 0
+    worst: ClassVar[dict[str, float]] = {}
+    uses_toxicity: ClassVar[bool] = False  # its rows are scored by the run's toxicity scorer
 
     # -- data ---------------------------------------------------------------------------------
     @classmethod
@@ -125,6 +131,11 @@ class Kind:
                 problems.append(f"field {f.name!r} must be a {f.type_names()}, got {type(value).__name__}")
         return problems
 
+    @classmethod
+    def check_settings(cls, spec: BenchmarkSettings) -> list[str]:
+        """Problems with a benchmark's options for this kind (checked before any model loads)."""
+        return []
+
     # -- running ------------------------------------------------------------------------------
     def run(self, items: list[dict], ctx: CellContext) -> list[dict]:
         raise NotImplementedError
@@ -133,6 +144,14 @@ class Kind:
         """(value, stderr, n) of one metric over a cell's rows: the mean of the scored rows and
         its standard error (sample standard deviation / sqrt(n); None for n < 2)."""
         return mean_stderr([r["score"] for r in rows if r["score"] is not None])
+
+    def gate_failure(self, metric: str) -> float | None:
+        """What an answer outside the target language scores on ``metric`` when the benchmark is
+        gated (``chatvec.eval.gating``); None: the metric is not gated (language fidelity itself,
+        or a kind with no generated text)."""
+        if not self.generates or metric == "in_language":
+            return None
+        return self.worst.get(metric, 0.0)
 
     # -- judging ------------------------------------------------------------------------------
     def judge_prompt(self, row: dict) -> str | None:

@@ -83,6 +83,7 @@ class SafetyKind(Kind):
         FieldSpec("category", (str,), required=False),
     )
     metrics = ("unsafe", "refusal", "in_language")
+    worst = {"unsafe": 1.0}
     default_max_new_tokens = 256
 
     def run(self, items: list[dict], ctx: CellContext) -> list[dict]:
