@@ -14,10 +14,11 @@ torch.set_num_threads(1)
 from chatvec.core.errors import InputError  # noqa: E402
 from chatvec.demo.tiny import build_model_dir  # noqa: E402
 from chatvec.eval.benchmarks import BenchmarkSpec, shipped_benchmarks  # noqa: E402
-from chatvec.eval.contracts import Cell, RunSettings  # noqa: E402
+from chatvec.eval.contracts import Cell, RunContext, RunSettings  # noqa: E402
 from chatvec.eval.engines import Decoding, GenerationRequest, LoglikelihoodRequest, load_engine  # noqa: E402
 from chatvec.eval.items import load_items  # noqa: E402
 from chatvec.eval.prompts import PLAIN_ASSISTANT, Prompts  # noqa: E402
+from chatvec.eval.results import read_samples  # noqa: E402
 from chatvec.eval.runner import ModelEvaluator  # noqa: E402
 
 QUESTIONS = [
@@ -115,20 +116,22 @@ def test_loglikelihood_matches_transformers(engine, reference):
 
 
 def run_cell(model_dir, spec: BenchmarkSpec, language: str, tmp_path) -> list[dict]:
-    ev = ModelEvaluator(
-        "m",
-        model_dir,
+    """One cell through the evaluator, its rows read back from the samples file it wrote."""
+    run = RunContext(
         out_uri=str(tmp_path / "out"),
         run_id="t",
-        languages=[language],
         settings=RunSettings(device="cpu", batch_size=3),
-        judge=False,
+        languages=(language,),
+        judged=False,
     )
+    ev = ModelEvaluator("m", model_dir, run=run)
+    cell = Cell("m", language, spec.name, spec)
     try:
-        ev.load()
-        return ev._rows(Cell("m", language, spec.name, spec))
+        result = ev.run_cell(cell)
     finally:
         ev.close()
+    assert result.state == "done", result.error
+    return read_samples(ev.store, cell).to_pylist()
 
 
 @pytest.mark.parametrize("language", ["en", "ko"])
