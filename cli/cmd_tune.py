@@ -13,9 +13,18 @@ import click
 
 @click.command()
 @click.argument("tune_file", metavar="TUNE.yaml")
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="Eval actors (0: in this process, no Ray). Default: ray_config.yaml.")
-@click.option("--run-id", default=None, help="Name of the run (default: tune-<UTC time>). Rerunning an id resumes the search.")
-@click.option("--root", default=None, help="Storage root (local path or s3://...); overrides the file and ray_config.yaml.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Eval actors (0: in this process, no Ray). Default: ray_config.yaml.",
+)
+@click.option(
+    "--run-id", default=None, help="Name of the run (default: tune-<UTC time>). Rerunning an id resumes the search."
+)
+@click.option(
+    "--root", default=None, help="Storage root (local path or s3://...); overrides the file and ray_config.yaml."
+)
 @click.option("--merge-best", is_flag=True, help="Commit the winning recipe to models/ (the normal merge path).")
 @click.option("--config", "config_path", default=None, help="ray_config.yaml to use (default: ./ray_config.yaml).")
 def tune(tune_file, workers, run_id, root, merge_best, config_path):
@@ -30,7 +39,9 @@ def tune(tune_file, workers, run_id, root, merge_best, config_path):
     if root:
         spec.root = root
     run_id = run_id or dt.datetime.now(dt.timezone.utc).strftime("tune-%Y%m%d-%H%M%S")
-    outcome = run_tune(spec, source=tune_file, run_id=run_id, config=config, workers=workers, merge_best=merge_best, echo=click.echo)
+    outcome = run_tune(
+        spec, source=tune_file, run_id=run_id, config=config, workers=workers, merge_best=merge_best, echo=click.echo
+    )
     click.echo("")
     for f in outcome.finalists:
         if f.recipe_uri:

@@ -20,7 +20,10 @@ COMMANDS = {
     "eval": ("chatvec.cli.cmd_eval:eval_cmd", "Evaluate models over languages and benchmarks."),
     "sweep": ("chatvec.cli.cmd_sweep:sweep", "Run a sweep: merges x evaluation x report."),
     "nightly": ("chatvec.cli.cmd_sweep:nightly", "Run a sweep as tonight's run and check for regressions."),
-    "tune": ("chatvec.cli.cmd_tune:tune", "Search for the best recipe on dev items and confirm it on held-out test items."),
+    "tune": (
+        "chatvec.cli.cmd_tune:tune",
+        "Search for the best recipe on dev items and confirm it on held-out test items.",
+    ),
     "results": ("chatvec.cli.cmd_sweep:results", "List runs, print a run's summary or compare two runs."),
     "demo": ("chatvec.cli.cmd_demo:demo", "Merge and evaluate the toy world's chat vector (the main demo)."),
     "toyworld": (

@@ -99,14 +99,23 @@ def verdict(plan: TunePlan, finalists: list[Finalist]) -> tuple[Verdict, list[Co
     winner = by_role.get("best")
     ref = by_role.get("grid") or by_role.get("cp")
     if winner is None:
-        return Verdict(None, ref.name if ref else None, None, "no trial was feasible on dev: nothing to confirm on test"), comparisons
+        return Verdict(
+            None, ref.name if ref else None, None, "no trial was feasible on dev: nothing to confirm on test"
+        ), comparisons
     if ref is None:
-        return Verdict(winner.name, None, None, f"{winner.name} is the best trial on dev; no grid or CP model to compare it with on test"), comparisons
+        return Verdict(
+            winner.name,
+            None,
+            None,
+            f"{winner.name} is the best trial on dev; no grid or CP model to compare it with on test",
+        ), comparisons
     first = metric_key(plan.objectives[0])
     mine = next((c for c in comparisons if c.a == ref.name and c.b == winner.name and c.objective == first), None)
     what = "the grid's best point" if ref.role == "grid" else "the CP model"
     if mine is None:
-        return Verdict(winner.name, ref.name, None, f"{winner.name} and {ref.name} share no scored test item"), comparisons
+        return Verdict(
+            winner.name, ref.name, None, f"{winner.name} and {ref.name} share no scored test item"
+        ), comparisons
     d = mine.diff
     if mine.better:
         text = f"{winner.name} (the best trial on dev) beats {what} {ref.name} on test: {first} {mine.text()} over {d.n} items"

@@ -64,7 +64,9 @@ def _pick_target(tune: TuneFile, problems: list[str]) -> TargetDef | None:
     if s.target is not None:
         found = [t for t in tune.targets if t.key == s.target]
         if not found:
-            problems.append(f"search.target {s.target!r} is not a target (targets: {', '.join(t.key for t in tune.targets)})")
+            problems.append(
+                f"search.target {s.target!r} is not a target (targets: {', '.join(t.key for t in tune.targets)})"
+            )
         return found[0] if found else None
     if len(tune.targets) == 1:
         return tune.targets[0]
@@ -99,7 +101,9 @@ def _resolve(what: str, o: ObjectiveDef, target: TargetDef, specs: list, problem
         return None
     language = o.language or target.language
     if language not in spec.languages:
-        problems.append(f"{what} {o.metric!r}: benchmark {bench!r} has no data in {language} ({', '.join(spec.languages)})")
+        problems.append(
+            f"{what} {o.metric!r}: benchmark {bench!r} has no data in {language} ({', '.join(spec.languages)})"
+        )
         return None
     metrics = get_kind(spec.kind).metrics
     if metrics and o.metric not in metrics:  # kinds with open metric sets (lm-eval) declare none
@@ -130,7 +134,9 @@ def check_tune(tune: TuneFile, source: str) -> tuple[TargetDef, list, list, list
     usable = target.vectors or list(tune.vectors)
     for name in s.space.ratios:
         if name not in usable:
-            problems.append(f"search.space.ratios names vector {name!r}, which target {target.key!r} does not use ({', '.join(usable)})")
+            problems.append(
+                f"search.space.ratios names vector {name!r}, which target {target.key!r} does not use ({', '.join(usable)})"
+            )
     space = space_of(tune, target)
     if not space.vectors:
         problems.append(
@@ -169,7 +175,12 @@ def _grid(tune: TuneFile, target: TargetDef) -> dict[str, Any]:
             for emb in tune.embeddings:
                 for ratio in target.ratios or tune.ratios:
                     spec = VectorSpec(
-                        base=vec.base, chat=vec.chat, ratio=ratio, method=method.method, density=method.density, seed=method.seed
+                        base=vec.base,
+                        chat=vec.chat,
+                        ratio=ratio,
+                        method=method.method,
+                        density=method.density,
+                        seed=method.seed,
                     )
                     name = model_name(vname, target.key, method, ratio, emb, tune)
                     out[name] = Recipe(

@@ -128,14 +128,19 @@ def write_tune_report(plan: TunePlan, outcome, grid_dev: dict) -> str:
     rows = [[f.role, f.name] + [v for k in keys for v in (f.dev.get(k), f.test.get(k))] for f in outcome.finalists]
     parts.append(_table(["role", "model"] + [f"{k} {part}" for k in keys for part in ("dev", "test")], rows))
     if outcome.comparisons:
-        parts.append("<h2>Paired comparisons on test</h2><p>finalist minus reference, 95% paired bootstrap interval, McNemar's p for 0/1 metrics; * the interval excludes 0.</p>")
+        parts.append(
+            "<h2>Paired comparisons on test</h2><p>finalist minus reference, 95% paired bootstrap interval, McNemar's p for 0/1 metrics; * the interval excludes 0.</p>"
+        )
         parts.append(
             _table(
                 ["finalist", "reference", "metric", "n", "difference [interval]", "better"],
                 [[c.b, c.a, c.objective, c.diff.n, c.text(), "yes" if c.better else "no"] for c in outcome.comparisons],
             )
         )
-    figures = {"tune-objective.png": _objective_plot(plan, outcome, grid_dev), "tune-layers.png": _layer_plot(plan, outcome)}
+    figures = {
+        "tune-objective.png": _objective_plot(plan, outcome, grid_dev),
+        "tune-layers.png": _layer_plot(plan, outcome),
+    }
     if len(plan.objectives) > 1:
         figures["tune-pareto.png"] = _pareto_plot(plan, outcome)
     for name, data in figures.items():

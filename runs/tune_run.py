@@ -101,7 +101,9 @@ class Search:
         fp = point.plan.fingerprint()
         name = _trial_name(fp)
         point.name = name
-        record = TrialRecord(number=len(self.journal.records) + len(batch_so_far), name=name, params=params, fingerprint=fp)
+        record = TrialRecord(
+            number=len(self.journal.records) + len(batch_so_far), name=name, params=params, fingerprint=fp
+        )
         header = [f"trial {record.number} of tune run {self.plan.run_id}: chatvec merge --recipe THIS_FILE --out DIR"]
         write_recipe(self.plan.tune_store, f"{TRIAL_RECIPES}/{name}.yaml", recipe, header)
         return trial, record, point
@@ -275,7 +277,9 @@ def _run(plan: TunePlan, *, config, workers: int, merge_best: bool, echo) -> Tun
     if merge_best and winner is not None:
         outcome.merged_uri = _merge_winner(plan, winner, config, workers, echo)
     outcome.report_uri = write_tune_report(plan, outcome, grid_dev.metrics if grid_points else {})
-    history.write_run_info(plan.root, plan.run_id, run_info(plan, status="finished", outcome=outcome, started_at=info["started_at"]))
+    history.write_run_info(
+        plan.root, plan.run_id, run_info(plan, status="finished", outcome=outcome, started_at=info["started_at"])
+    )
     return outcome
 
 
@@ -322,7 +326,8 @@ def _merge_winner(plan: TunePlan, winner: Finalist, config, workers: int, echo) 
     merge_plan = build_plan(winner.recipe, shard_size=parse_size(plan.tune.shard_size or config.merge.shard_size))
     out = layout.model_uri(plan.root, f"{plan.tune.name}.best-{merge_plan.fingerprint()[:12]}")
     merge_workers = 0 if workers == 0 else config.merge.workers
-    summary = run_merge_job(merge_plan, out, workers=merge_workers, device=plan.tune.device, overwrite=False, config=config)
+    summary = run_merge_job(
+        merge_plan, out, workers=merge_workers, device=plan.tune.device, overwrite=False, config=config
+    )
     echo(f"merged the winner to {out}" + (" (already committed)" if summary.cached else ""))
     return out
-

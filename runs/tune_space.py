@@ -71,7 +71,9 @@ class Space:
         method = self.method(params)
         if f"density.{method.method}" in dists:
             # only the chosen method's density is a parameter of this trial (a conditional one)
-            params[f"density.{method.method}"] = _ask(trial, f"density.{method.method}", dists[f"density.{method.method}"])
+            params[f"density.{method.method}"] = _ask(
+                trial, f"density.{method.method}", dists[f"density.{method.method}"]
+            )
         return params
 
     def method(self, params: dict[str, Any]) -> MethodSpace:
@@ -167,7 +169,9 @@ def params_of(recipe, space: Space) -> dict[str, Any] | None:
     first = recipe.vectors[0]
     method = next((m for m in space.methods if m.method == first.method), None)
     ok = method is not None and len({(v.method, v.density) for v in recipe.vectors}) == 1
-    ok = ok and all(put(f"ratio.{n}", float(v.ratio), space.ranges[n][0]) for n, v in zip(space.vectors, recipe.vectors))
+    ok = ok and all(
+        put(f"ratio.{n}", float(v.ratio), space.ranges[n][0]) for n, v in zip(space.vectors, recipe.vectors)
+    )
     ok = ok and put("method", first.method, space.methods[0].method)
     ok = ok and put(f"density.{first.method}", float(first.density), method.density[0])
     ok = ok and put("embeddings", recipe.embeddings or "all", space.embeddings[0])

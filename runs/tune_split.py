@@ -165,5 +165,7 @@ def part_specs(specs: Sequence, splits: Sequence[Split], store: Store, part: str
             if s.benchmark == spec.name
         }
         if data:
-            out.append(spec.model_copy(update={"name": f"{spec.name}.{part}", "data": data, "fields": {}, "limit": None}))
+            out.append(
+                spec.model_copy(update={"name": f"{spec.name}.{part}", "data": data, "fields": {}, "limit": None})
+            )
     return out

@@ -90,7 +90,9 @@ def make_study(search, directions: list[str]):
         )
     elif kind == "nsga2":
         population = max(4, min(50, search.trials // 3))
-        sampler = optuna.samplers.NSGAIISampler(seed=search.seed, population_size=population, constraints_func=constraints)
+        sampler = optuna.samplers.NSGAIISampler(
+            seed=search.seed, population_size=population, constraints_func=constraints
+        )
     else:
         sampler = optuna.samplers.CmaEsSampler(seed=search.seed)
     return optuna.create_study(directions=directions, sampler=sampler), kind
@@ -100,7 +102,9 @@ def told_values(record: TrialRecord, directions: list[str], penalize: bool) -> l
     """What the sampler is told: the measured values, less a penalty per violated constraint
     for a sampler without constraints support."""
     excess = sum(max(0.0, v) for v in record.violations) if penalize else 0.0
-    return [v - PENALTY * excess if d == "maximize" else v + PENALTY * excess for v, d in zip(record.values, directions)]
+    return [
+        v - PENALTY * excess if d == "maximize" else v + PENALTY * excess for v, d in zip(record.values, directions)
+    ]
 
 
 def replay(study, journal: Journal, distributions: dict[str, Any], directions: list[str], penalize: bool) -> int:
@@ -134,7 +138,9 @@ def replay(study, journal: Journal, distributions: dict[str, Any], directions: l
         try:
             study.add_trial(frozen)
         except (ValueError, optuna.exceptions.OptunaError) as exc:
-            raise ConfigError(f"trial {rec.number} of the journal no longer fits the search space ({exc}): use another --run-id") from None
+            raise ConfigError(
+                f"trial {rec.number} of the journal no longer fits the search space ({exc}): use another --run-id"
+            ) from None
         told.append(rec)
     for rec in pending:
         study.enqueue_trial(rec.params, skip_if_exists=False)
@@ -144,7 +150,9 @@ def replay(study, journal: Journal, distributions: dict[str, Any], directions: l
     return len(told)
 
 
-def tell_known(study, params: dict[str, Any], distributions: dict[str, Any], record: TrialRecord, directions, penalize) -> bool:
+def tell_known(
+    study, params: dict[str, Any], distributions: dict[str, Any], record: TrialRecord, directions, penalize
+) -> bool:
     """Tell the study a point measured outside the search (a grid point), so the sampler starts
     from what the grid knows; False when the point lies outside the space."""
     from optuna.samplers._base import _CONSTRAINTS_KEY

@@ -87,7 +87,15 @@ def test_the_search_runs_trials_in_engine_and_confirms_on_test(first_run):
     assert {"best", "grid", "cp"} <= roles
     for f in outcome.finalists:
         assert f.test, f"{f.name} has no test value"
-        assert (store / "results" / "run=r" / "samples" / f"model={f.name}" / "language=toy-l2" / "benchmark=toy-task.test.parquet").is_file()
+        assert (
+            store
+            / "results"
+            / "run=r"
+            / "samples"
+            / f"model={f.name}"
+            / "language=toy-l2"
+            / "benchmark=toy-task.test.parquet"
+        ).is_file()
     best = next(f for f in outcome.finalists if f.role == "best")
     assert Path(best.recipe_uri).name.startswith("best.") and Path(best.recipe_uri).is_file()
     assert outcome.verdict.winner == best.name and outcome.verdict.comparison is not None
@@ -145,7 +153,18 @@ def test_the_recipe_files_reproduce_a_trial_with_chatvec_merge(first_run, tmp_pa
     for recipe in (Path(best.recipe_uri), trial_file):
         out = tmp_path / recipe.stem
         proc = subprocess.run(
-            [sys.executable, "-m", "chatvec.cli", "merge", "--recipe", str(recipe), "--out", str(out), "--workers", "0"],
+            [
+                sys.executable,
+                "-m",
+                "chatvec.cli",
+                "merge",
+                "--recipe",
+                str(recipe),
+                "--out",
+                str(out),
+                "--workers",
+                "0",
+            ],
             capture_output=True,
             text=True,
             timeout=300,
