@@ -229,9 +229,10 @@ def _run(plan: TunePlan, *, config, workers: int, merge_best: bool, echo) -> Tun
             grid_best = _best_grid(plan, grid_dev, baselines)
             echo(f"  best grid point on dev: {grid_best}")
         search = Search(plan, evaluator, baselines, echo, grid_dev if grid_points else None)
-        search_start = time.perf_counter()
+        before, search_start = _spent(evaluator), time.perf_counter()
         records = search.run()
-        search_seconds = time.perf_counter() - search_start
+        ran = sum(r.state != ASKED for r in records) - search.told_again  # trials run by this process
+        timings = _timings(evaluator, before, time.perf_counter() - search_start, ran)
 
         top = ranked(records, search.directions)[: s.top_k]
         finalists = [
@@ -251,7 +252,7 @@ def _run(plan: TunePlan, *, config, workers: int, merge_best: bool, echo) -> Tun
         base_test = evaluator.baselines_on("test")
         for f in finalists:
             f.test = {**tested.metrics, **base_test.metrics}.get(f.name, {})
-        timings = _timings(evaluator, search_seconds, len([r for r in records if r.state != ASKED]), started)
+        timings["total_s"] = time.perf_counter() - started
     finally:
         evaluator.close()
     result, comparisons = verdict(plan, finalists)
@@ -302,18 +303,23 @@ def run_info(plan: TunePlan, *, status: str, outcome: TuneOutcome | None = None,
     return info
 
 
-def _timings(evaluator: Evaluator, search_seconds: float, trials: int, started: float) -> dict:
-    t = evaluator.trials.timings
+def _spent(evaluator: Evaluator) -> dict:
+    return {**evaluator.trials.timings.__dict__, "judge": evaluator.trials.judge_seconds}
+
+
+def _timings(evaluator: Evaluator, before: dict, seconds: float, trials: int) -> dict:
+    """Where the search's time went (the grid and the test phase are not part of it)."""
+    now = _spent(evaluator)
+    d = {k: now[k] - before[k] for k in now}
     return {
         "trials": trials,
-        "search_s": search_seconds,
-        "trials_per_min": trials / max(search_seconds / 60, 1e-9),
-        "engine_start_s": t.engine_start,
-        "swap_s": t.swap,
-        "generate_s": max(0.0, t.cells),
-        "judge_s": evaluator.trials.judge_seconds,
-        "swaps": t.swaps,
-        "total_s": time.perf_counter() - started,
+        "search_s": seconds,
+        "trials_per_min": trials / max(seconds / 60, 1e-9),
+        "engine_start_s": d["engine_start"],
+        "swap_s": d["swap"],
+        "generate_s": d["cells"],
+        "judge_s": d["judge"],
+        "swaps": d["swaps"],
     }
 
 
