@@ -70,10 +70,6 @@ class MethodSpace(_Strict):
             raise ValueError("density is [low, high] with 0 < low <= high <= 1")
         return v
 
-    @property
-    def label(self) -> str:
-        return self.method
-
 
 class SpaceDef(_Strict):
     ratios: dict[str, tuple[float, float]] = Field(default_factory=dict)

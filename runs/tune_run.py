@@ -219,6 +219,7 @@ def _run(plan: TunePlan, *, config, workers: int, merge_best: bool, echo) -> Tun
     evaluator = Evaluator(plan, config=config, workers=workers)
     started = time.perf_counter()
     try:
+        _probe(plan, evaluator)
         base_dev = evaluator.baselines_on("dev")
         baselines = {plan.roles[n]: m for n, m in base_dev.metrics.items()}
         grid_points = {n: evaluator.point(n, r) for n, r in plan.grid.items()}
@@ -282,6 +283,16 @@ def _run(plan: TunePlan, *, config, workers: int, merge_best: bool, echo) -> Tun
         plan.root, plan.run_id, run_info(plan, status="finished", outcome=outcome, started_at=info["started_at"])
     )
     return outcome
+
+
+def _probe(plan: TunePlan, evaluator: Evaluator) -> None:
+    """Plan one recipe per embedding policy and method of the space, so a space the checkpoints
+    cannot take (vocabularies that differ under ``all``, say) stops before any model loads."""
+    space, dists = plan.space, plan.space.distributions()
+    for emb in space.embeddings:
+        for method in space.methods:
+            params = {k: v for k, v in (("embeddings", emb), ("method", method.method)) if k in dists}
+            evaluator.point("probe", recipe_of(params, space, cp=plan.target.cp, tune=plan.tune))
 
 
 def run_info(plan: TunePlan, *, status: str, outcome: TuneOutcome | None = None, started_at: str | None = None) -> dict:

@@ -183,3 +183,29 @@ def test_split_is_recorded_seeded_stratified_and_disjoint(first_run):
     assert set(cell["dev"]).isdisjoint(cell["test"]) and len(cell["dev"]) + len(cell["test"]) == 16
     dev_file = tmp / "store" / "results" / "run=r" / "tune" / "split" / "toy-task" / "toy-l2.dev.jsonl"
     assert [json.loads(line)["id"] for line in dev_file.read_text().splitlines()] == cell["dev"]
+
+
+def test_merge_best_commits_the_winner_through_the_merge_path(first_run):
+    tmp, path, outcome, _lines, mtimes = first_run
+    again = run_tune(
+        load_tune(str(path)), source=str(path), run_id="r", config=CONFIG, workers=0, merge_best=True, echo=print
+    )
+    best = next(f for f in again.finalists if f.role == "best")
+    manifest = json.loads((Path(again.merged_uri) / "chatvec_manifest.json").read_text())
+    assert manifest["fingerprint"] == best.record.fingerprint
+    assert Path(again.merged_uri).parent == tmp / "store" / "models"
+
+
+def test_two_objectives_give_a_pareto_front(tmp_path):
+    path = tmp_path / "pareto.yaml"
+    text = TUNE.format(world=TOY.as_posix(), root=(tmp_path / "store").as_posix(), trials=4)
+    text = text.replace(
+        "  objective: {metric: exact_match, direction: maximize}\n",
+        "  objective: [{metric: exact_match}, {metric: in_language}]\n  sampler: nsga2\n",
+    )
+    path.write_text(text.replace("eval: {limit: 16,", "eval: {limit: 8,"))
+    outcome = run_tune(load_tune(str(path)), source=str(path), run_id="p", config=CONFIG, workers=0, echo=print)
+    assert [len(r.values) for r in outcome.trials] == [2] * 4
+    assert (Path(outcome.report_uri).parent / "tune-pareto.png").is_file()
+    best = next(f for f in outcome.finalists if f.role == "best")
+    assert set(best.test) >= {"exact_match/toy-task/toy-l2", "in_language/toy-task/toy-l2"}
