@@ -153,9 +153,11 @@ def space_of(tune, target) -> Space:
 
 def params_of(recipe, space: Space) -> dict[str, Any] | None:
     """The parameters of a recipe with one scalar ratio per vector (a grid point) in this space,
-    or None when the space cannot express it (another vector set, per-layer, a fixed value that
-    differs)."""
-    if space.layers or space.groups or [v.chat for v in recipe.vectors] != [v.chat for v in space.vectors.values()]:
+    or None when the space cannot express it (another vector set, a fixed value that differs).
+    In a per-layer space a scalar ratio is the flat curve: every control point at that ratio."""
+    if [v.chat for v in recipe.vectors] != [v.chat for v in space.vectors.values()]:
+        return None
+    if any(not isinstance(v.ratio, (int, float)) for v in recipe.vectors):
         return None
     dists = space.distributions()
     params: dict[str, Any] = {}
@@ -169,9 +171,8 @@ def params_of(recipe, space: Space) -> dict[str, Any] | None:
     first = recipe.vectors[0]
     method = next((m for m in space.methods if m.method == first.method), None)
     ok = method is not None and len({(v.method, v.density) for v in recipe.vectors}) == 1
-    ok = ok and all(
-        put(f"ratio.{n}", float(v.ratio), space.ranges[n][0]) for n, v in zip(space.vectors, recipe.vectors)
-    )
+    for name, v in zip(space.vectors, recipe.vectors):
+        ok = ok and all(put(p, float(v.ratio), lo) for p, lo, _hi in space._ratio_params(name))
     ok = ok and put("method", first.method, space.methods[0].method)
     ok = ok and put(f"density.{first.method}", float(first.density), method.density[0])
     ok = ok and put("embeddings", recipe.embeddings or "all", space.embeddings[0])

@@ -128,3 +128,6 @@ def test_the_space_maps_parameters_to_recipe_values(tmp_path):
         "self_attn": [0.5, 0.9, 0.5],  # the parameters the trial did not set are the range's low end
     }
     assert len(layered.distributions()) == 6
+    # a grid point (one ratio) in a per-layer space: the flat curve
+    flat = params_of(recipe_of({"ratio.toy": 1.25, "embeddings": "skip"}, scalar, cp="cp", tune=tune), layered)
+    assert flat == {f"ratio.toy{g}.p{i}": 1.25 for g in ("", ".self_attn") for i in range(3)}
