@@ -136,16 +136,16 @@ class Search:
             points = {rec.name: pt for _t, rec, pt in batch}
             got = self.evaluator.points_on(points, "dev")
             for _ in range(self.search.retries):
-                again = {n: points[n] for n in got.failed}
+                again = {name: points[name] for name in got.failed}
                 if not again:
                     break
                 self.echo(f"  running {len(again)} trial(s) again, their cells failed: {', '.join(again)}")
                 retry = self.evaluator.points_on(again, "dev")
-                for n in again:
-                    got.failed.pop(n, None)
-                    got.metrics[n] = retry.metrics.get(n, {})
-                    if n in retry.failed:
-                        got.failed[n] = retry.failed[n]
+                for name in again:
+                    got.failed.pop(name, None)
+                    got.metrics[name] = retry.metrics.get(name, {})
+                    if name in retry.failed:
+                        got.failed[name] = retry.failed[name]
             seconds = (time.perf_counter() - start) / len(batch)
             for trial, rec, _pt in batch:
                 rec.seconds = seconds
