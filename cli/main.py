@@ -28,6 +28,11 @@ COMMANDS.register(
     "nightly", "chatvec.cli.cmd_sweep:nightly", summary="Run a sweep as tonight's run and check for regressions."
 )
 COMMANDS.register(
+    "tune",
+    "chatvec.cli.cmd_tune:tune",
+    summary="Search for the best recipe on dev items and confirm it on held-out test items.",
+)
+COMMANDS.register(
     "results", "chatvec.cli.cmd_sweep:results", summary="List runs, print a run's summary or compare two runs."
 )
 COMMANDS.register(

@@ -1,0 +1,193 @@
+"""Where a search's trials run: engines that stay loaded for the whole search.
+
+A search evaluates a few merge points at a time, over and over, all of one CP model. The
+in-engine sweep's executors (cluster/in_engine.py) load an engine per evaluation call; these keep
+theirs across calls, so each engine loads the CP model once per search and then only takes one
+trial's merged tensors after another (``PointEngine``):
+
+- ``InProcessTrials`` (``--workers 0``): one engine in this process;
+- ``RayTrials`` (``--workers N``): N long-lived Ray eval actors, each with its own engine; a
+  call's trials go to whichever actor is free. An actor that dies fails the cells of the trial
+  it ran (the search runs that trial again) and is replaced by a fresh one.
+
+Both are ``chatvec.eval.pipeline`` CellExecutors: ``run_pipeline`` plans and records the cells
+as it does for any model, with the trial's merge fingerprint as model identity.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from chatvec.cluster.in_engine import Point, PointEngine, Timings, _timed_run
+from chatvec.core.storage import Store
+from chatvec.eval.contracts import FAILED, GENERATE, Cell, CellResult, ModelJob, Progress, RunContext, RunSettings
+from chatvec.eval.results import write_status
+
+logger = logging.getLogger(__name__)
+
+
+class _Judging:
+    """The judge phase's time, summed."""
+
+    judge_seconds: float = 0.0
+
+    def _timed_judge(self, fn, *args):
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.judge_seconds += time.perf_counter() - start
+
+
+class InProcessTrials(_Judging):
+    """Trials in this process, on one engine loaded once. ``points`` grows as the search asks."""
+
+    def __init__(self, points: dict[str, Point]) -> None:
+        self.points = points
+        self.holder: PointEngine | None = None
+
+    @property
+    def timings(self) -> Timings:
+        return self.holder.timings if self.holder else Timings()
+
+    def start(self, settings: RunSettings) -> RunSettings:
+        if self.holder is None:
+            self.holder = PointEngine(settings)
+        return settings
+
+    def generate(self, run: RunContext, jobs: Sequence[ModelJob], progress: Progress):
+        store = Store(run.out_uri)
+        results: list[CellResult] = []
+        for job in jobs:
+            evaluator = self.holder.evaluator(run, job, store, self.points[job.model])
+            try:
+                results += _timed_run(evaluator, job.cells, progress.update, self.holder.timings)
+            finally:
+                evaluator.close()  # leaves the borrowed engine open
+        return results, {}
+
+    def judge(self, run: RunContext, judge: str, cells: Sequence[Cell], progress: Progress):
+        from chatvec.eval.runner import LocalCellExecutor
+
+        return self._timed_judge(LocalCellExecutor(Store(run.out_uri)).judge, run, judge, cells, progress)
+
+    def close(self) -> None:
+        if self.holder is not None:
+            self.holder.close()
+
+
+class TrialWorker:
+    """A Ray eval actor with one engine for the whole search; runs one trial's cells per call."""
+
+    def __init__(self, settings: RunSettings) -> None:
+        self.holder = PointEngine(settings)
+
+    def run_job(self, run: RunContext, job: ModelJob, point: Point) -> tuple[list[CellResult], dict]:
+        store = Store(run.out_uri)
+        before = dict(self.holder.timings.__dict__)
+        evaluator = self.holder.evaluator(run, job, store, point)
+        try:
+            results = _timed_run(evaluator, job.cells, None, self.holder.timings)
+        finally:
+            evaluator.close()
+        spent = {k: v - before[k] for k, v in self.holder.timings.__dict__.items()}
+        return results, {**spent, "pid": os.getpid()}
+
+    def close(self) -> None:
+        self.holder.close()
+
+
+class RayTrials(_Judging):
+    """Trials on ``workers`` long-lived Ray eval actors (started on the first call, kept until
+    ``close``). Judging is the RayExecutor's."""
+
+    def __init__(self, workers: int, config, points: dict[str, Point]) -> None:
+        from chatvec.cluster.eval_driver import RayExecutor
+
+        self.base = RayExecutor(workers, config)
+        self.points = points
+        self.actors: list = []
+        self.made = 0
+        self.settings: RunSettings | None = None
+        self.timings = Timings()
+        self.pids: set[int] = set()
+
+    def start(self, settings: RunSettings) -> RunSettings:
+        if self.settings is None:
+            self.settings = self.base.start(settings)
+        return self.settings
+
+    def _actor(self, run_id: str):
+        import ray
+
+        from chatvec.cluster.eval_driver import actor_name
+
+        self.made += 1
+        cls = ray.remote(TrialWorker)
+        return cls.options(name=actor_name("tune", run_id, self.made), **self.base.options).remote(self.settings)
+
+    def generate(self, run: RunContext, jobs: Sequence[ModelJob], progress: Progress):
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        from chatvec.cluster.liveness import wait_one
+
+        store = Store(run.out_uri)
+        while len(self.actors) < min(self.base.workers, len(jobs)):
+            self.actors.append(self._actor(run.run_id))
+        queue, idle = deque(jobs), list(range(len(self.actors)))
+        inflight: dict = {}
+        results: list[CellResult] = []
+
+        def fail(job: ModelJob, error: str) -> None:
+            for cell in job.cells:
+                write_status(store, cell, FAILED, stage=GENERATE, error=error, run_id=run.run_id)
+                result = CellResult.of(cell, FAILED, GENERATE, error=error)
+                results.append(result)
+                progress.update(result)
+
+        while queue or inflight:
+            while queue and idle:
+                i, job = idle.pop(), queue.popleft()
+                inflight[self.actors[i].run_job.remote(run, job, self.points[job.model])] = (i, job)
+            ref = wait_one(list(inflight), what="tune trials")[0]
+            i, job = inflight.pop(ref)
+            try:
+                got, spent = ray.get(ref)
+            except RayActorError as exc:
+                error = f"the eval actor died: {type(exc).__name__}: {exc}"[:2000]
+                logger.error("trial %s: %s", job.model, error)
+                fail(job, error)
+                try:
+                    ray.kill(self.actors[i])
+                except Exception:  # already gone
+                    pass
+                self.actors[i] = self._actor(run.run_id)
+            except RayTaskError as exc:
+                fail(job, f"{type(exc).__name__}: {exc}"[:2000])
+            else:
+                self.pids.add(spent.pop("pid"))
+                self.timings.add(spent)
+                for result in got:
+                    results.append(result)
+                    progress.update(result)
+            idle.append(i)
+        return results, {}
+
+    def judge(self, run: RunContext, judge: str, cells: Sequence[Cell], progress: Progress):
+        return self._timed_judge(self.base.judge, run, judge, cells, progress)
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            try:
+                ray.get(actor.close.remote(), timeout=60)
+            except Exception:
+                pass
+            ray.kill(actor)
+        self.actors = []
