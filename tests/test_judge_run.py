@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from judge_servers import ScriptedServer, reply
 
 ROOT = Path(__file__).resolve().parents[1]

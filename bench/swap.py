@@ -1,0 +1,209 @@
+"""Weight swaps of the in-engine sweep against a memory floor, measured in the same process.
+
+    python bench/swap.py [--worlds toy,100m] [--engines hf,vllm] [--repeats 5] [--threads 2]
+                         [--sweep] [--out DIR]
+
+For each world, ``--repeats`` rounds, each round over four ratios (0.25 ... 1.0, method add):
+
+* floor: one torch pass over the resident tensors writing cp + r * tau into preallocated float32
+  buffers (``torch.add(cp, tau, alpha=r, out=...)``, one call per tensor);
+* resident: ``Swapper.swap`` from inputs held in memory, into the hf model's parameters (in
+  place) or, for vLLM, through its weight loader (``reload_weights``), which on the CPU build
+  also repacks every linear weight for oneDNN: its own cost is measured apart, as
+  "vllm loader only" (the same loader fed tensors computed beforehand);
+* streaming: the swap before residency (every input read from storage, tensor by tensor).
+
+Worlds: ``toy`` (demo/toyworld, 0.93M parameters, float32) and ``100m``, a bf16 Llama triple of
+about 114M parameters (hidden 768, 16 layers, head size 192), the one bench/in_engine.py builds.
+Figures are medians over every swap of every round, with the spread (min-max), and the ratio
+to the floor's median. The first swap of each engine reads the inputs into memory; that read is
+reported on its own line and left out of the resident figures.
+
+``--sweep`` also runs bench/in_engine.py's comparison (a 6-ratio sweep in-engine against
+merge + load) for the same worlds and engines, in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "demo" / "toyworld" / "checkpoints"
+RATIOS = (0.25, 0.5, 0.75, 1.0)
+
+
+def build_world(kind: str, work: Path) -> dict[str, Path]:
+    if kind == "toy":
+        return {"cp": TOY / "cp", "base": TOY / "base", "chat": TOY / "chat"}
+    from chatvec.demo.tiny import build_triple
+
+    folder = work / "world-100m"
+    if not (folder / "cp" / "config.json").exists():
+        print("building a ~114M-parameter bf16 triple (once) ...", flush=True)
+        build_triple(folder, hidden=768, layers=16, shard_size="200MB")
+    return {"cp": folder / "cp", "base": folder / "base", "chat": folder / "chat"}
+
+
+def plans(world: dict[str, Path], embeddings: str | None) -> list:
+    from chatvec.merge.plan import build_plan
+    from chatvec.merge.recipe import Recipe, VectorSpec
+
+    out = []
+    for r in RATIOS:
+        vector = VectorSpec(base=str(world["base"]), chat=str(world["chat"]), ratio=r)
+        out.append(build_plan(Recipe(cp=str(world["cp"]), vectors=[vector], embeddings=embeddings)))
+    return out
+
+
+def floor_pass(resident, plan, buffers: dict):
+    """The floor: cp + r * tau into preallocated buffers, one torch call per tensor."""
+    import torch
+
+    from chatvec.merge.resident import _raw_key
+
+    def run() -> None:
+        for task in plan.tasks.values():
+            cp = resident.entries[_raw_key(plan, task.cp)]
+            out = buffers.get(task.name)
+            if out is None:
+                out = buffers[task.name] = torch.empty(task.numel, dtype=torch.float32)
+            if not task.terms:
+                out.copy_(cp)
+                continue
+            term = task.terms[0]
+            tau = resident.entries[("tau", _raw_key(plan, term.chat), _raw_key(plan, term.base))]
+            torch.add(cp, tau, alpha=term.ratio, out=out)
+
+    return run
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_world(kind: str, engines: list[str], args, work: Path) -> list[tuple]:
+    import torch
+
+    from chatvec.cluster.weight_swap import EXTENSION, Swapper, swap_into
+    from chatvec.eval.engines import load_engine
+    from chatvec.merge.resident import ResidentMerge
+
+    world = build_world(kind, work)
+    # the toy CP model adds words to the vocabulary: its embedding rows are left as they are
+    points = plans(world, "skip" if kind == "toy" else None)
+    params = sum(t.numel for t in points[0].tasks.values())
+    resident = ResidentMerge("cpu")
+    resident.load(points[0])
+    buffers: dict = {}
+    times: dict[str, list[float]] = {"floor": []}
+    notes = []
+    for name in engines:
+        extra = {"worker_extension": EXTENSION} if name == "vllm" else {}
+        options = {"enforce_eager": True, "cpu_kvcache_gib": 1} if name == "vllm" else None
+        engine = load_engine(name, str(world["cp"]), device="cpu", dtype="float32", options=options, **extra)
+        torch.set_num_threads(args.threads)  # vLLM sets its own when it starts
+        swapper = Swapper(engine)
+        first = swapper.swap(points[0])
+        notes.append(
+            f"{kind} {name}: first swap {first.seconds:.2f} s, of which reading inputs into memory "
+            f"{first.load_seconds:.2f} s ({first.held_bytes / 1e6:.0f} MB held)"
+        )
+        resident_t, stream_t, loader_t = [], [], []
+        for _ in range(args.repeats):
+            for plan in points:
+                times["floor"].append(timed(floor_pass(resident, plan, buffers)))
+                timing = swapper.swap(plan)
+                assert timing.resident, timing.why
+                resident_t.append(timing.seconds)
+                stream_t.append(timed(lambda p=plan, e=engine: swap_into(e, p)))
+                if name == "vllm":
+                    loader_t.append(_loader_only(engine, plan))
+        times[f"{name} resident"] = resident_t
+        times[f"{name} streaming"] = stream_t
+        if loader_t:
+            times[f"{name} loader only"] = loader_t
+        swapper.close()
+        engine.close()
+    floor = statistics.median(times["floor"])
+    rows = []
+    for label, values in times.items():
+        med = statistics.median(values)
+        rows.append((kind, params, label, med, min(values), max(values), med / floor, len(values)))
+    for line in notes:
+        print(line, flush=True)
+    return rows
+
+
+def _loader_only(engine, plan) -> float:
+    """vLLM's reload_weights fed tensors computed beforehand: the loader's and repacking's own cost."""
+    import torch
+
+    from chatvec.merge.resident import TORCH_DTYPES
+
+    def run(worker):
+        state = worker._chatvec_resident
+        ready = {}
+        for task, tensor in state.merge.write(
+            plan, lambda t: torch.empty(t.numel, dtype=getattr(torch, TORCH_DTYPES[t.dtype]))
+        ):
+            ready[task.name] = tensor.view(task.shape)
+        start = time.perf_counter()
+        worker.model_runner.reload_weights(weights_iterator=iter(ready.items()))
+        return time.perf_counter() - start
+
+    return engine.llm.collective_rpc(run)[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worlds", default="toy,100m")
+    p.add_argument("--engines", default="hf,vllm")
+    p.add_argument("--repeats", type=int, default=5, help="rounds over the four ratios")
+    p.add_argument("--threads", type=int, default=2, help="torch threads, for the floor and the swaps alike")
+    p.add_argument("--sweep", action="store_true", help="also bench/in_engine.py's 6-ratio sweep comparison")
+    p.add_argument("--out", default=None, help="work folder (default: a temporary one)")
+    args = p.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.out or tempfile.mkdtemp(prefix="chatvec-bench-swap-"))
+    work.mkdir(parents=True, exist_ok=True)
+    engines = args.engines.split(",")
+    rows = []
+    for kind in args.worlds.split(","):
+        rows += bench_world(kind, engines, args, work)
+    print(f"\nadd swaps, {len(RATIOS)} ratios x {args.repeats} rounds, torch threads {args.threads}; seconds\n")
+    heads = ("world", "parameters", "path", "median s", "min-max s", "x floor", "n")
+    print("| " + " | ".join(heads) + " |")
+    print("|" + "---|" * len(heads))
+    for kind, params, label, med, lo, hi, ratio, n in rows:
+        print(f"| {kind} | {params / 1e6:.2f}M | {label} | {med:.4f} | {lo:.4f}-{hi:.4f} | {ratio:.2f} | {n} |")
+    if args.sweep:
+        sys.path.insert(0, str(ROOT / "bench"))
+        import in_engine
+
+        sys.argv = [
+            "in_engine.py",
+            "--worlds",
+            args.worlds,
+            "--engines",
+            args.engines,
+            "--out",
+            str(work / "sweep"),
+            "--threads",
+            str(args.threads),
+        ]
+        in_engine.main()
+
+
+if __name__ == "__main__":
+    main()
