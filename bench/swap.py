@@ -1,7 +1,7 @@
 """Weight swaps of the in-engine sweep against a memory floor, measured in the same process.
 
-    python bench/swap.py [--worlds toy,100m] [--engines hf,vllm] [--repeats 5] [--threads 2]
-                         [--sweep] [--out DIR]
+    python bench/swap.py [--worlds toy,100m,800m] [--engines hf,vllm] [--repeats 5] [--threads 2]
+                         [--device cpu|cuda] [--sweep] [--out DIR]
 
 For each world, ``--repeats`` rounds, each round over four ratios (0.25 ... 1.0, method add):
 
@@ -14,7 +14,9 @@ For each world, ``--repeats`` rounds, each round over four ratios (0.25 ... 1.0,
 * streaming: the swap before residency (every input read from storage, tensor by tensor).
 
 Worlds: ``toy`` (demo/toyworld, 0.93M parameters, float32) and ``100m``, a bf16 Llama triple of
-about 114M parameters (hidden 768, 16 layers, head size 192), the one bench/in_engine.py builds.
+about 114M parameters (hidden 768, 16 layers, head size 192), the one bench/in_engine.py builds;
+``800m`` (hidden 2048, 16 layers) for a GPU. ``--device cuda`` holds the inputs and runs the hf
+engine (bf16, as the CP model is saved) on the GPU; vLLM runs where its build runs.
 Figures are medians over every swap of every round, with the spread (min-max), and the ratio
 to the floor's median. The first swap of each engine reads the inputs into memory; that read is
 reported on its own line and left out of the resident figures.
@@ -43,10 +45,11 @@ def build_world(kind: str, work: Path) -> dict[str, Path]:
         return {"cp": TOY / "cp", "base": TOY / "base", "chat": TOY / "chat"}
     from chatvec.demo.tiny import build_triple
 
-    folder = work / "world-100m"
+    hidden = {"100m": 768, "800m": 2048}[kind]
+    folder = work / f"world-{kind}"
     if not (folder / "cp" / "config.json").exists():
-        print("building a ~114M-parameter bf16 triple (once) ...", flush=True)
-        build_triple(folder, hidden=768, layers=16, shard_size="200MB")
+        print(f"building a {kind} bf16 triple (once) ...", flush=True)
+        build_triple(folder, hidden=hidden, layers=16, shard_size="2GB")
     return {"cp": folder / "cp", "base": folder / "base", "chat": folder / "chat"}
 
 
@@ -61,7 +64,7 @@ def plans(world: dict[str, Path], embeddings: str | None) -> list:
     return out
 
 
-def floor_pass(resident, plan, buffers: dict):
+def floor_pass(resident, plan, buffers: dict, device: str):
     """The floor: cp + r * tau into preallocated buffers, one torch call per tensor."""
     import torch
 
@@ -72,7 +75,7 @@ def floor_pass(resident, plan, buffers: dict):
             cp = resident.entries[_raw_key(plan, task.cp)]
             out = buffers.get(task.name)
             if out is None:
-                out = buffers[task.name] = torch.empty(task.numel, dtype=torch.float32)
+                out = buffers[task.name] = torch.empty(task.numel, dtype=torch.float32, device=device)
             if not task.terms:
                 out.copy_(cp)
                 continue
@@ -83,9 +86,13 @@ def floor_pass(resident, plan, buffers: dict):
     return run
 
 
-def timed(fn) -> float:
+def timed(fn, device: str = "cpu") -> float:
+    import torch
+
     start = time.perf_counter()
     fn()
+    if device.startswith("cuda"):  # kernels run ahead of the host: wait for them
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -100,7 +107,8 @@ def bench_world(kind: str, engines: list[str], args, work: Path) -> list[tuple]:
     # the toy CP model adds words to the vocabulary: its embedding rows are left as they are
     points = plans(world, "skip" if kind == "toy" else None)
     params = sum(t.numel for t in points[0].tasks.values())
-    resident = ResidentMerge("cpu")
+    dev = args.device
+    resident = ResidentMerge(dev)
     resident.load(points[0])
     buffers: dict = {}
     times: dict[str, list[float]] = {"floor": []}
@@ -108,7 +116,8 @@ def bench_world(kind: str, engines: list[str], args, work: Path) -> list[tuple]:
     for name in engines:
         extra = {"worker_extension": EXTENSION} if name == "vllm" else {}
         options = {"enforce_eager": True, "cpu_kvcache_gib": 1} if name == "vllm" else None
-        engine = load_engine(name, str(world["cp"]), device="cpu", dtype="float32", options=options, **extra)
+        dtype = "float32" if dev == "cpu" else "auto"  # vLLM's CPU build and CPU matmuls want float32
+        engine = load_engine(name, str(world["cp"]), device=dev, dtype=dtype, options=options, **extra)
         torch.set_num_threads(args.threads)  # vLLM sets its own when it starts
         swapper = Swapper(engine)
         first = swapper.swap(points[0])
@@ -119,11 +128,11 @@ def bench_world(kind: str, engines: list[str], args, work: Path) -> list[tuple]:
         resident_t, stream_t, loader_t = [], [], []
         for _ in range(args.repeats):
             for plan in points:
-                times["floor"].append(timed(floor_pass(resident, plan, buffers)))
-                timing = swapper.swap(plan)
-                assert timing.resident, timing.why
-                resident_t.append(timing.seconds)
-                stream_t.append(timed(lambda p=plan, e=engine: swap_into(e, p)))
+                times["floor"].append(timed(floor_pass(resident, plan, buffers, dev), dev))
+                got = []
+                resident_t.append(timed(lambda p=plan, g=got, s=swapper: g.append(s.swap(p)), dev))
+                assert got[0].resident, got[0].why
+                stream_t.append(timed(lambda p=plan, e=engine: swap_into(e, p), dev))
                 if name == "vllm":
                     loader_t.append(_loader_only(engine, plan))
         times[f"{name} resident"] = resident_t
@@ -168,6 +177,7 @@ def main() -> None:
     p.add_argument("--engines", default="hf,vllm")
     p.add_argument("--repeats", type=int, default=5, help="rounds over the four ratios")
     p.add_argument("--threads", type=int, default=2, help="torch threads, for the floor and the swaps alike")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: inputs held and the hf engine run on the GPU")
     p.add_argument("--sweep", action="store_true", help="also bench/in_engine.py's 6-ratio sweep comparison")
     p.add_argument("--out", default=None, help="work folder (default: a temporary one)")
     args = p.parse_args()
@@ -181,7 +191,10 @@ def main() -> None:
     rows = []
     for kind in args.worlds.split(","):
         rows += bench_world(kind, engines, args, work)
-    print(f"\nadd swaps, {len(RATIOS)} ratios x {args.repeats} rounds, torch threads {args.threads}; seconds\n")
+    print(
+        f"\nadd swaps on {args.device}, {len(RATIOS)} ratios x {args.repeats} rounds, torch threads "
+        f"{args.threads}; seconds\n"
+    )
     heads = ("world", "parameters", "path", "median s", "min-max s", "x floor", "n")
     print("| " + " | ".join(heads) + " |")
     print("|" + "---|" * len(heads))

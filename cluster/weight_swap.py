@@ -221,6 +221,7 @@ class Swapper:
         self.engine = engine
         self.budget = budget
         self.state: ResidentState | None = None
+        self._params: dict | None = None
 
     def swap(self, plan) -> SwapTiming:
         start = time.perf_counter()
@@ -240,7 +241,9 @@ class Swapper:
             timing = swap_into(self.engine, plan)
             timing.why, timing.held_bytes = decision.why, decision.held_bytes
             return timing
-        tensors = _write_into_hf(self.engine, plan, self.state.merge)
+        # the loaded model's tensors stay the same objects from point to point
+        self._params = _hf_params(self.engine, plan, self._params)
+        tensors = _write_into_hf(self.engine, plan, self.state.merge, self._params)
         return SwapTiming(time.perf_counter() - start, tensors, True, "", decision.held_bytes, decision.load_seconds)
 
     def load_point(self, plan) -> SwapTiming:
@@ -267,10 +270,12 @@ def swap_into(engine, plan) -> SwapTiming:
     return SwapTiming(seconds=time.perf_counter() - start, tensors=tensors)
 
 
-def _hf_params(engine, plan) -> dict:
-    """The hf model's tensors by checkpoint name; an error when one the plan writes is missing."""
-    params = dict(engine.model.named_parameters())
-    params.update({k: v for k, v in engine.model.named_buffers() if k not in params})
+def _hf_params(engine, plan, params: dict | None = None) -> dict:
+    """The hf model's tensors by checkpoint name (``params`` when given: found before); an error
+    when one the plan writes is missing."""
+    if params is None:
+        params = dict(engine.model.named_parameters())
+        params.update({k: v for k, v in engine.model.named_buffers() if k not in params})
     missing = [name for name in plan.tasks if name not in params]
     tied = getattr(engine.model.config, "tie_word_embeddings", False)
     # a tied head has no tensor of its own in the checkpoint, and none is needed here either
@@ -282,11 +287,9 @@ def _hf_params(engine, plan) -> dict:
     return params
 
 
-def _write_into_hf(engine, plan, merge) -> int:
-    """``plan``'s point computed from ``merge``'s resident inputs straight into the parameters."""
+def _write_into_hf(engine, plan, merge, params: dict) -> int:
+    """``plan``'s point computed from ``merge``'s resident inputs straight into ``params``."""
     import torch
-
-    params = _hf_params(engine, plan)
 
     def target(task):
         param = params.get(task.name)

@@ -129,6 +129,11 @@ def _meminfo() -> tuple[int, int]:
         return pages * size, os.sysconf("SC_PHYS_PAGES") * size
 
 
+def _amax(values: np.ndarray) -> float:
+    """max |value| (NaN when any is NaN: np.max propagates it), 0 for an empty tensor."""
+    return float(np.abs(values).max()) if values.size else 0.0
+
+
 class ResidentMerge:
     """CP tensors and vector taus held on ``device``; any plan over them computed from memory."""
 
@@ -138,10 +143,18 @@ class ResidentMerge:
         self.torch = torch
         self.device = torch.device(device)
         self.entries: dict[Key, object] = {}  # key -> 1-D torch tensor
-        self.amax: dict[Key, float] = {}  # float entries: largest |value|, inf when any is not finite
+        # float entries: the largest |value|, NaN or inf when any value is not finite (numpy, on
+        # the host: torch's thread pool stalls on a busy machine, and this runs once per tensor)
+        self.amax: dict[Key, float] = {}
         self._blocks: dict[str, object] = {}
         self._backend = NumpyBackend()
         self._scratch: Scratch | None = None
+        self._last: tuple[MergePlan | None, dict] = (None, {})  # the latest plan's needs
+
+    def _needs(self, plan: MergePlan) -> dict[Key, tuple[int, tuple]]:
+        if self._last[0] is not plan:  # a swap asks for its plan's needs several times
+            self._last = (plan, _needs(plan))
+        return self._last[1]
 
     # -- what is held ---------------------------------------------------------------------------
     @property
@@ -150,7 +163,7 @@ class ResidentMerge:
 
     def missing_bytes(self, plan: MergePlan) -> int:
         """Bytes ``load(plan)`` would add."""
-        return sum(n for key, (n, _) in _needs(plan).items() if key not in self.entries)
+        return sum(n for key, (n, _) in self._needs(plan).items() if key not in self.entries)
 
     def load(self, plan: MergePlan) -> float:
         """Read what ``plan`` needs and is not held yet; returns the seconds it took."""
@@ -168,12 +181,17 @@ class ResidentMerge:
             return buf
 
         try:
-            for key, (_, (kind, *srcs)) in _needs(plan).items():
+            for key, (_, (kind, *srcs)) in self._needs(plan).items():
                 if key in self.entries:
                     continue
                 if kind == "raw":
                     (src,) = srcs
-                    self._hold(key, self._torch_view(read(src), src.dtype), src.dtype in FLOAT_DTYPES)
+                    data = read(src)
+                    if src.dtype in FLOAT_DTYPES:
+                        values = np.empty(src.numel, np.float32)
+                        self._backend.decode(data, src.dtype, values)
+                        self.amax[key] = _amax(values)
+                    self.entries[key] = self._torch_view(data, src.dtype).to(self.device)
                 else:
                     chat, base = srcs
                     tau = np.empty(chat.numel, np.float32)
@@ -182,7 +200,8 @@ class ResidentMerge:
                         other = np.empty(chat.numel, np.float32)
                         self._backend.decode(read(base), base.dtype, other)
                         tau -= other
-                    self._hold(key, self.torch.from_numpy(tau), True)
+                    self.amax[key] = _amax(tau)
+                    self.entries[key] = self.torch.from_numpy(tau).to(self.device)
         finally:
             for r in readers.values():
                 r.close()
@@ -192,17 +211,11 @@ class ResidentMerge:
         torch = self.torch
         return torch.from_numpy(data).view(getattr(torch, TORCH_DTYPES[dtype]))
 
-    def _hold(self, key: Key, tensor, is_float: bool) -> None:
-        tensor = tensor.to(self.device)
-        self.entries[key] = tensor
-        if is_float:
-            finite = bool(self.torch.isfinite(tensor).all()) if tensor.numel() else True
-            self.amax[key] = float(tensor.abs().max()) if finite and tensor.numel() else (0.0 if finite else np.inf)
-
     def release(self) -> None:
         self.entries.clear()
         self.amax.clear()
         self._blocks.clear()
+        self._last = (None, {})
 
     # -- a point ----------------------------------------------------------------------------------
     def write(self, plan: MergePlan, dest: Dest) -> Iterator[tuple[TensorTask, object]]:

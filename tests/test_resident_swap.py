@@ -82,6 +82,18 @@ def test_resident_bytes_equal_the_merge(triples, resident, method, schedule):
     _bytes_equal(resident, plan)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", list(METHODS))
+def test_resident_bytes_on_cuda_equal_the_merge(triples, method):
+    from chatvec.merge.resident import ResidentMerge
+
+    plan = _scheduled(_plan(triples["same"], **METHODS[method]))
+    resident = ResidentMerge("cuda")
+    resident.load(plan)
+    assert all(t.device.type == "cuda" for t in resident.entries.values())
+    _bytes_equal(resident, plan)
+
+
 def test_resident_bytes_equal_the_written_checkpoint(triples, resident, tmp_path):
     from test_merge_in_memory import _written
 
