@@ -9,12 +9,13 @@ Held per tensor, on one device (the engine's):
 
 A point is then written into tensors the caller gives (an engine's parameters, or staging
 buffers its weight loader copies from):
-    add, whole tensors, finite inputs: torch in cache-sized blocks, acc = cp + tau * ratio per
-    term (the multiply and the add rounded separately, no fused multiply-add; the add skipped
-    nowhere the kernels would not skip it, since tau * 1.0 == tau), then one cast to the output
-    dtype: the operations and order of merge/compute.py, so the same bits. Inputs are checked to
-    be finite and small enough that no sum can overflow, so no NaN (whose bit pattern torch and
-    numpy write differently) can arise;
+    add, whole tensors, finite inputs: acc = cp + tau * ratio per term (the multiply and the add
+    rounded separately, no fused multiply-add; the multiply skipped only where the kernels skip
+    it, ratio 1), then one cast to the output dtype: the operations and order of
+    merge/compute.py, so the same bits. On the CPU, one vector and bf16 or float32 tensors, a
+    one-pass numba kernel does it (merge/resident_numba.py); otherwise torch in cache-sized
+    blocks. Inputs are checked to be finite and small enough that no sum can overflow, so no NaN
+    (whose bit pattern torch and numpy write differently) can arise;
     everything else (ties, dare, dare_ties, rows matched by token, non-finite inputs): the very
     ``compute_job`` of ``chatvec merge`` over a job buffer filled from memory instead of files,
     with the threshold search of merge/ties_threshold.py: exact by construction.
@@ -134,14 +135,31 @@ def _amax(values: np.ndarray) -> float:
     return float(np.abs(values).max()) if values.size else 0.0
 
 
-class ResidentMerge:
-    """CP tensors and vector taus held on ``device``; any plan over them computed from memory."""
+_NUMBA: list = []  # [] not loaded yet; [None] unavailable; [module] ready
 
-    def __init__(self, device: str = "cpu") -> None:
+
+def _numba_kernels():
+    if not _NUMBA:
+        module = None
+        if os.environ.get("CHATVEC_KERNEL", "auto") != "numpy":
+            try:
+                from chatvec.merge import resident_numba as module
+            except Exception as exc:  # no numba, or no cache folder: torch gives the same bytes
+                logger.info("resident add kernel unavailable (%s): using torch", exc)
+        _NUMBA.append(module)
+    return _NUMBA[0]
+
+
+class ResidentMerge:
+    """CP tensors and vector taus held on ``device``; any plan over them computed from memory.
+    ``kernel``: "auto" (numba's one-pass add where it applies) or "torch" (torch only)."""
+
+    def __init__(self, device: str = "cpu", kernel: str = "auto") -> None:
         import torch
 
         self.torch = torch
         self.device = torch.device(device)
+        self.kernel = kernel
         self.entries: dict[Key, object] = {}  # key -> 1-D torch tensor
         # float entries: the largest |value|, NaN or inf when any value is not finite (numpy, on
         # the host: torch's thread pool stalls on a busy machine, and this runs once per tensor)
@@ -280,6 +298,8 @@ class ResidentMerge:
         if not terms:  # integer buffers, tensors this point leaves alone: the CP values
             flat.copy_(cp if cp.dtype == out_dtype else cp.to(torch.float32).to(out_dtype))
             return
+        if self._one_pass(flat, cp, terms, dtype):
+            return
         direct = flat.dtype == out_dtype and flat.device == self.device
         n = flat.numel()
         for lo in range(0, n, BLOCK):
@@ -301,6 +321,31 @@ class ResidentMerge:
                     final = acc if out_dtype == torch.float32 else self._block("out", out_dtype, m)
                     torch.add(left, part, out=final)
                     flat[lo:hi].copy_(final)
+
+    def _one_pass(self, flat, cp, terms: list[tuple[object, float]], dtype: str) -> bool:
+        """The numba kernel, where it applies; False: the caller computes with torch."""
+        torch = self.torch
+        if len(terms) != 1 or self.kernel != "auto" or self.device.type != "cpu" or flat.device.type != "cpu":
+            return False
+        if not flat.is_contiguous() or flat.numel() < BLOCK // 64 or flat.requires_grad:
+            return False  # small tensors: torch's call costs less than a kernel's dispatch
+        kernels = _numba_kernels()
+        if kernels is None:
+            return False
+        tau, ratio = terms[0]
+        args = (tau.numpy(), np.float32(ratio))
+        if dtype == "BF16" and cp.dtype == torch.bfloat16:
+            words = cp.view(torch.int16).numpy().view(np.uint16)
+            if flat.dtype == torch.float32:
+                kernels.add_bf16_widened(words, *args, flat.view(torch.int32).numpy().view(np.uint32))
+                return True
+            if flat.dtype == torch.bfloat16:
+                kernels.add_bf16(words, *args, flat.view(torch.int16).numpy().view(np.uint16))
+                return True
+        if dtype == "F32" and cp.dtype == torch.float32 and flat.dtype == torch.float32:
+            kernels.add_f32(cp.numpy(), *args, flat.numpy())
+            return True
+        return False
 
     def _compute_job(self, plan: MergePlan, task: TensorTask) -> np.ndarray:
         """``task``'s output bytes by merge/compute.py over job buffers filled from memory."""

@@ -75,11 +75,34 @@ def resident():
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("schedule", [False, True], ids=["recipe-ratio", "per-tensor-ratio"])
 def test_resident_bytes_equal_the_merge(triples, resident, method, schedule):
+    from chatvec.merge.resident import ResidentMerge
+
     plan = _plan(triples["same"], **METHODS[method])
     if schedule:
         _scheduled(plan)
     resident.load(plan)
     _bytes_equal(resident, plan)
+    # the add path in torch alone (where numba's one-pass kernel is not used) gives them too
+    twin = ResidentMerge("cpu", kernel="torch")
+    twin.entries, twin.amax = resident.entries, resident.amax
+    _bytes_equal(twin, plan)
+
+
+def test_the_one_pass_kernel_is_the_one_used(triples, resident, monkeypatch):
+    pytest.importorskip("numba")
+    import chatvec.merge.resident as module
+
+    calls = []
+    kernels = module._numba_kernels()
+    for name in ("add_bf16_widened", "add_bf16", "add_f32"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    plan = _plan(triples["same"], ratio=0.5)
+    resident.load(plan)
+    _bytes_equal(resident, plan)
+    target = {t.name: torch.empty(t.numel) for t in plan.tasks.values()}
+    list(resident.write(plan, lambda t: target[t.name]))
+    assert "add_bf16" in calls and "add_bf16_widened" in calls
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
