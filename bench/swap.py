@@ -201,20 +201,14 @@ def main() -> None:
     for kind, params, label, med, lo, hi, ratio, n in rows:
         print(f"| {kind} | {params / 1e6:.2f}M | {label} | {med:.4f} | {lo:.4f}-{hi:.4f} | {ratio:.2f} | {n} |")
     if args.sweep:
-        sys.path.insert(0, str(ROOT / "bench"))
-        import in_engine
+        import importlib.util
 
-        sys.argv = [
-            "in_engine.py",
-            "--worlds",
-            args.worlds,
-            "--engines",
-            args.engines,
-            "--out",
-            str(work / "sweep"),
-            "--threads",
-            str(args.threads),
-        ]
+        # loaded by path: putting bench/ on sys.path would let bench/eval.py shadow chatvec's eval
+        spec = importlib.util.spec_from_file_location("bench_in_engine", ROOT / "bench" / "in_engine.py")
+        in_engine = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(in_engine)
+        sys.argv = ["in_engine.py", "--worlds", args.worlds, "--engines", args.engines]
+        sys.argv += ["--out", str(work), "--threads", str(args.threads)]
         in_engine.main()
 
 

@@ -4,7 +4,9 @@
 tensors keep the CP model's shapes without writing a checkpoint: per target an engine loads the
 CP model once; per point the merged tensors are computed in memory with the merge kernels (the
 bytes ``chatvec merge`` writes, cluster/weight_swap.py) and swapped in, then the point's cells
-run. Cells carry the point's model name and, as model identity, the merge fingerprint a
+run. The CP model and the vectors are read once per engine and held in memory where
+``eval.in_engine_memory`` allows; a point that does not fit is read from storage again, and the
+run's output says so. Cells carry the point's model name and, as model identity, the merge fingerprint a
 committed checkpoint of that point records, so the two paths give the same cells and
 ``chatvec merge`` of any point reproduces it. A point whose vocabulary grows (tokens appended
 from the chat model) cannot be swapped in place: it is merged and evaluated the checkpoint way,

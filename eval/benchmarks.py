@@ -111,7 +111,7 @@ class BenchmarkFile(BaseModel):
 
 # -- shipped samples ------------------------------------------------------------------------------
 def data_dir() -> str:
-    return str(resources.files("eval") / "data")
+    return str(resources.files("chatvec.eval") / "data")
 
 
 def source_path(source: str) -> str:

@@ -40,7 +40,7 @@ from chatvec.merge.jobs import task_jobs
 from chatvec.merge.kernels import NumpyBackend, make_backend
 from chatvec.merge.plan import MergePlan, RawCopy, Segment, Source, TensorTask, Term
 from chatvec.merge.safetensors_format import FLOAT_DTYPES, ITEMSIZE
-from chatvec.merge.ties_threshold import attach_thresholds
+from chatvec.merge.ties_threshold import tensor_thresholds
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,12 @@ def _needs(plan: MergePlan) -> dict[Key, tuple[int, tuple]]:
         for copy in task.raw:
             raw(copy.source)
     return out
+
+
+def _term_key(plan: MergePlan, term: Term) -> tuple:
+    """What a term's TIES threshold depends on: its inputs, method, density and rows (not its ratio)."""
+    base = _raw_key(plan, term.base) if term.base is not None else None
+    return (term.method, term.density, _raw_key(plan, term.chat), base, str(term.segments))
 
 
 def why_not_resident(plan: MergePlan) -> str | None:
@@ -168,6 +174,8 @@ class ResidentMerge:
         self._backend = NumpyBackend()
         self._scratch: Scratch | None = None
         self._last: tuple[MergePlan | None, dict] = (None, {})  # the latest plan's needs
+        # TIES' trim thresholds depend on tau and density, not on the ratio: found once per sweep
+        self._thresholds: dict[tuple, object] = {}
 
     def _needs(self, plan: MergePlan) -> dict[Key, tuple[int, tuple]]:
         if self._last[0] is not plan:  # a swap asks for its plan's needs several times
@@ -234,6 +242,7 @@ class ResidentMerge:
         self.amax.clear()
         self._blocks.clear()
         self._last = (None, {})
+        self._thresholds.clear()
 
     # -- a point ----------------------------------------------------------------------------------
     def write(self, plan: MergePlan, dest: Dest) -> Iterator[tuple[TensorTask, object]]:
@@ -268,11 +277,13 @@ class ResidentMerge:
             yield task.name, task.dtype, tuple(task.shape), data
 
     def _add_terms(self, plan: MergePlan, task: TensorTask) -> list[tuple[object, float]] | None:
-        """[(tau, ratio)] when the torch add path gives the kernels' bits for ``task``, else None."""
+        """[(tau, ratio)] when the add path gives the kernels' bits for ``task``, else None."""
         if task.mergekit is not None or task.raw or task.cp is None or task.cp.numel != task.numel:
             return None
         if task.dtype not in FLOAT_DTYPES or task.cp.dtype not in FLOAT_DTYPES:
             return [] if not task.terms and task.cp.dtype == task.dtype else None
+        if task.terms and "F64" in (task.dtype, task.cp.dtype):
+            return None  # torch would add in float64; the kernels decode to float32 first
         cp_key = _raw_key(plan, task.cp)
         bound = self.amax[cp_key]
         terms = []
@@ -386,7 +397,14 @@ class ResidentMerge:
         isz = ITEMSIZE[task.dtype]
         out = np.empty(task.nbytes, np.uint8)
         buf = np.empty(0, np.uint8)
-        for job in attach_thresholds(task_jobs(local), read):
+        jobs = task_jobs(local)
+        if any(job.whole for job in jobs):
+            key = (task.name, tuple(_term_key(plan, t) for t in task.terms))
+            if key not in self._thresholds:
+                self._thresholds[key] = tensor_thresholds(local, read)
+            for job in jobs:
+                job.thresholds = self._thresholds[key] if job.whole else None
+        for job in jobs:
             if buf.size < job.in_bytes:
                 buf = np.empty(job.in_bytes, np.uint8)
             read(job, buf)

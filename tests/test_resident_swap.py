@@ -22,6 +22,8 @@ TOY = ROOT / "demo" / "toyworld" / "checkpoints"
 METHODS = {
     "add": dict(ratio=0.5),
     "ties": dict(ratio=0.7, method="ties", density=0.4),
+    # the same inputs at another density: the trim thresholds found for 0.4 must not be reused
+    "ties-0.7": dict(ratio=0.7, method="ties", density=0.7),
     "dare": dict(ratio=0.5, method="dare", density=0.6, seed=5),
     "dare_ties": dict(ratio=0.8, method="dare_ties", density=0.5, seed=3),
 }
