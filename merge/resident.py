@@ -9,12 +9,12 @@ Held per tensor, on one device (the engine's):
 
 A point is then written into tensors the caller gives (an engine's parameters, or staging
 buffers its weight loader copies from):
-    add, whole tensors, finite inputs: acc = cp + tau * ratio per term (the multiply and the add
-    rounded separately, no fused multiply-add; the multiply skipped only where the kernels skip
-    it, ratio 1), then one cast to the output dtype: the operations and order of
+    add (and dare), whole tensors, finite inputs: acc = cp + tau * ratio per term (the multiply
+    and the add rounded separately, no fused multiply-add; the multiply skipped only where the
+    kernels skip it, ratio 1), then one cast to the output dtype: the operations and order of
     merge/compute.py, so the same bits. On the CPU, one vector and bf16 or float32 tensors, a
-    one-pass numba kernel does it (merge/resident_numba.py); otherwise torch in cache-sized
-    blocks. Inputs are checked to be finite and small enough that no sum can overflow, so no NaN
+    one-pass numba kernel does it, dare's seeded drop included (merge/resident_numba.py);
+    otherwise torch in cache-sized blocks (add only). Inputs are checked to be finite and small enough that no sum can overflow, so no NaN
     (whose bit pattern torch and numpy write differently) can arise;
     everything else (ties, dare, dare_ties, rows matched by token, non-finite inputs): the very
     ``compute_job`` of ``chatvec merge`` over a job buffer filled from memory instead of files,
@@ -37,7 +37,8 @@ from chatvec.core.storage import Store
 from chatvec.merge.compute import Scratch, compute_job
 from chatvec.merge.fused import warm_up
 from chatvec.merge.jobs import task_jobs
-from chatvec.merge.kernels import NumpyBackend, make_backend
+from chatvec.merge.kernels import NumpyBackend, dare_cutoff, dare_key, make_backend
+from chatvec.merge.methods import drops
 from chatvec.merge.plan import MergePlan, RawCopy, Segment, Source, TensorTask, Term
 from chatvec.merge.safetensors_format import FLOAT_DTYPES, ITEMSIZE
 from chatvec.merge.ties_threshold import tensor_thresholds
@@ -258,9 +259,7 @@ class ResidentMerge:
                 if flat.numel() != task.numel:
                     raise ValueError(f"{task.name}: {task.numel} elements to write, the target holds {flat.numel()}")
                 terms = self._add_terms(plan, task)
-                if terms is not None:
-                    self._add_into(flat, self.entries[_raw_key(plan, task.cp)], terms, task.dtype)
-                else:
+                if terms is None or not self._add_into(flat, self.entries[_raw_key(plan, task.cp)], terms, task.dtype):
                     data = self._compute_job(plan, task)
                     flat.copy_(self._torch_view(data, task.dtype).to(flat.device))
                 yield task, target
@@ -276,8 +275,9 @@ class ResidentMerge:
             data = tensor.cpu().view(torch.uint8).numpy() if task.numel else np.empty(0, np.uint8)
             yield task.name, task.dtype, tuple(task.shape), data
 
-    def _add_terms(self, plan: MergePlan, task: TensorTask) -> list[tuple[object, float]] | None:
-        """[(tau, ratio)] when the add path gives the kernels' bits for ``task``, else None."""
+    def _add_terms(self, plan: MergePlan, task: TensorTask) -> list[tuple] | None:
+        """[(tau, factor, drop)] when the add path gives the kernels' bits for ``task``, else None;
+        drop: DARE's (key, cutoff) where the term drops entries (factor is then ratio / density)."""
         if task.mergekit is not None or task.raw or task.cp is None or task.cp.numel != task.numel:
             return None
         if task.dtype not in FLOAT_DTYPES or task.cp.dtype not in FLOAT_DTYPES:
@@ -289,12 +289,15 @@ class ResidentMerge:
         terms = []
         for term in task.terms:
             whole = term.segments == [Segment(0, 0, 0 if term.base is not None else -1, task.numel)]
-            if term.method != "add" or not whole or term.chat.numel != task.numel or not _tau_held(term):
+            if term.method not in ("add", "dare") or not whole or term.chat.numel != task.numel or not _tau_held(term):
                 return None
             base = _raw_key(plan, term.base) if term.base is not None else None
             key = ("tau", _raw_key(plan, term.chat), base)
-            bound += self.amax[key] * abs(term.ratio)
-            terms.append((self.entries[key], float(term.ratio)))
+            dropping = drops(term)
+            factor = term.ratio / term.density if dropping else term.ratio
+            drop = (dare_key(term.seed, task.name, term.vector), dare_cutoff(term.density)) if dropping else None
+            bound += self.amax[key] * abs(factor)
+            terms.append((self.entries[key], float(factor), drop))
         return terms if bound < _SAFE else None
 
     def _block(self, name: str, dtype, n: int):
@@ -303,21 +306,24 @@ class ResidentMerge:
             buf = self._blocks[name] = self.torch.empty(max(n, 1), dtype=dtype, device=self.device)
         return buf[:n]
 
-    def _add_into(self, flat, cp, terms: list[tuple[object, float]], dtype: str) -> None:
+    def _add_into(self, flat, cp, terms: list[tuple], dtype: str) -> bool:
+        """The point's value of one tensor into ``flat``; False where only the kernels can."""
         torch = self.torch
         out_dtype = getattr(torch, TORCH_DTYPES[dtype])
         if not terms:  # integer buffers, tensors this point leaves alone: the CP values
             flat.copy_(cp if cp.dtype == out_dtype else cp.to(torch.float32).to(out_dtype))
-            return
+            return True
         if self._one_pass(flat, cp, terms, dtype):
-            return
+            return True
+        if any(drop is not None for _, _, drop in terms):
+            return False  # DARE's drop is numpy's or numba's
         direct = flat.dtype == out_dtype and flat.device == self.device
         n = flat.numel()
         for lo in range(0, n, BLOCK):
             hi = min(n, lo + BLOCK)
             m = hi - lo
             acc = self._block("acc", torch.float32, m)
-            for i, (tau, ratio) in enumerate(terms):
+            for i, (tau, ratio, _) in enumerate(terms):
                 part = tau[lo:hi]
                 if ratio != 1.0:
                     part = torch.mul(part, ratio, out=self._block("t", torch.float32, m))
@@ -332,19 +338,23 @@ class ResidentMerge:
                     final = acc if out_dtype == torch.float32 else self._block("out", out_dtype, m)
                     torch.add(left, part, out=final)
                     flat[lo:hi].copy_(final)
+        return True
 
-    def _one_pass(self, flat, cp, terms: list[tuple[object, float]], dtype: str) -> bool:
-        """The numba kernel, where it applies; False: the caller computes with torch."""
+    def _one_pass(self, flat, cp, terms: list[tuple], dtype: str) -> bool:
+        """The numba kernel, where it applies; False: the caller computes otherwise."""
         torch = self.torch
         if len(terms) != 1 or self.kernel != "auto" or self.device.type != "cpu" or flat.device.type != "cpu":
             return False
-        if not flat.is_contiguous() or flat.numel() < BLOCK // 64 or flat.requires_grad:
+        if not flat.is_contiguous() or flat.requires_grad:
+            return False
+        tau, factor, drop = terms[0]
+        if drop is None and flat.numel() < BLOCK // 64:
             return False  # small tensors: torch's call costs less than a kernel's dispatch
         kernels = _numba_kernels()
         if kernels is None:
             return False
-        tau, ratio = terms[0]
-        args = (tau.numpy(), np.float32(ratio))
+        key, cutoff = drop if drop is not None else (0, 0)
+        args = (tau.numpy(), np.float32(factor), drop is not None, np.uint64(key), np.uint64(cutoff))
         if dtype == "BF16" and cp.dtype == torch.bfloat16:
             words = cp.view(torch.int16).numpy().view(np.uint16)
             if flat.dtype == torch.float32:

@@ -99,12 +99,14 @@ def test_the_one_pass_kernel_is_the_one_used(triples, resident, monkeypatch):
     for name in ("add_bf16_widened", "add_bf16", "add_f32"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
-    plan = _plan(triples["same"], ratio=0.5)
-    resident.load(plan)
-    _bytes_equal(resident, plan)
-    target = {t.name: torch.empty(t.numel) for t in plan.tasks.values()}
-    list(resident.write(plan, lambda t: target[t.name]))
-    assert "add_bf16" in calls and "add_bf16_widened" in calls
+    for spec in (METHODS["add"], METHODS["dare"]):
+        calls.clear()
+        plan = _plan(triples["same"], **spec)
+        resident.load(plan)
+        _bytes_equal(resident, plan)
+        target = {t.name: torch.empty(t.numel) for t in plan.tasks.values()}
+        list(resident.write(plan, lambda t, target=target: target[t.name]))
+        assert "add_bf16" in calls and "add_bf16_widened" in calls
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
