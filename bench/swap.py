@@ -6,7 +6,8 @@
 For each world, ``--repeats`` rounds, each round over four ratios (0.25 ... 1.0, method add):
 
 * floor: one torch pass over the resident tensors writing cp + r * tau into preallocated float32
-  buffers (``torch.add(cp, tau, alpha=r, out=...)``, one call per tensor);
+  buffers (``torch.add(cp, tau, alpha=r, out=...)``, one call per tensor), measured next to each
+  engine's swaps (round by round);
 * resident: ``Swapper.swap`` from inputs held in memory, into the hf model's parameters (in
   place) or, for vLLM, through its weight loader (``reload_weights``), which on the CPU build
   also repacks every linear weight for oneDNN: its own cost is measured apart, as
@@ -18,7 +19,7 @@ about 114M parameters (hidden 768, 16 layers, head size 192), the one bench/in_e
 ``800m`` (hidden 2048, 16 layers) for a GPU. ``--device cuda`` holds the inputs and runs the hf
 engine (bf16, as the CP model is saved) on the GPU; vLLM runs where its build runs.
 Figures are medians over every swap of every round, with the spread (min-max), and the ratio
-to the floor's median. The first swap of each engine reads the inputs into memory; that read is
+to the median of the floor measured with that engine. The first swap of each engine reads the inputs into memory; that read is
 reported on its own line and left out of the resident figures.
 
 ``--sweep`` also runs bench/in_engine.py's comparison (a 6-ratio sweep in-engine against
@@ -111,8 +112,7 @@ def bench_world(kind: str, engines: list[str], args, work: Path) -> list[tuple]:
     resident = ResidentMerge(dev)
     resident.load(points[0])
     buffers: dict = {}
-    times: dict[str, list[float]] = {"floor": []}
-    notes = []
+    rows, notes = [], []
     for name in engines:
         extra = {"worker_extension": EXTENSION} if name == "vllm" else {}
         options = {"enforce_eager": True, "cpu_kvcache_gib": 1} if name == "vllm" else None
@@ -125,27 +125,26 @@ def bench_world(kind: str, engines: list[str], args, work: Path) -> list[tuple]:
             f"{kind} {name}: first swap {first.seconds:.2f} s, of which reading inputs into memory "
             f"{first.load_seconds:.2f} s ({first.held_bytes / 1e6:.0f} MB held)"
         )
-        resident_t, stream_t, loader_t = [], [], []
+        floor_t, resident_t, stream_t, loader_t = [], [], [], []
         for _ in range(args.repeats):
             for plan in points:
-                times["floor"].append(timed(floor_pass(resident, plan, buffers, dev), dev))
+                floor_t.append(timed(floor_pass(resident, plan, buffers, dev), dev))
                 got = []
                 resident_t.append(timed(lambda p=plan, g=got, s=swapper: g.append(s.swap(p)), dev))
                 assert got[0].resident, got[0].why
                 stream_t.append(timed(lambda p=plan, e=engine: swap_into(e, p), dev))
                 if name == "vllm":
                     loader_t.append(_loader_only(engine, plan))
-        times[f"{name} resident"] = resident_t
-        times[f"{name} streaming"] = stream_t
-        if loader_t:
-            times[f"{name} loader only"] = loader_t
         swapper.close()
         engine.close()
-    floor = statistics.median(times["floor"])
-    rows = []
-    for label, values in times.items():
-        med = statistics.median(values)
-        rows.append((kind, params, label, med, min(values), max(values), med / floor, len(values)))
+        # each engine's rows against the floor measured next to them (vLLM changes the threads)
+        times = {"floor": floor_t, "resident": resident_t, "streaming": stream_t, "loader only": loader_t}
+        floor = statistics.median(floor_t)
+        for label, values in times.items():
+            if values:
+                med = statistics.median(values)
+                row = (kind, params, f"{name} {label}", med, min(values), max(values), med / floor, len(values))
+                rows.append(row)
     for line in notes:
         print(line, flush=True)
     return rows
