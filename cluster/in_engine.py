@@ -4,7 +4,9 @@
 tensors keep the CP model's shapes without writing a checkpoint: per target an engine loads the
 CP model once; per point the merged tensors are computed in memory with the merge kernels (the
 bytes ``chatvec merge`` writes, cluster/weight_swap.py) and swapped in, then the point's cells
-run. Cells carry the point's model name and, as model identity, the merge fingerprint a
+run. The CP model and the vectors are read once per engine and held in memory where
+``eval.in_engine_memory`` allows; a point that does not fit is read from storage again, and the
+run's output says so. Cells carry the point's model name and, as model identity, the merge fingerprint a
 committed checkpoint of that point records, so the two paths give the same cells and
 ``chatvec merge`` of any point reproduces it. A point whose vocabulary grows (tokens appended
 from the chat model) cannot be swapped in place: it is merged and evaluated the checkpoint way,
@@ -25,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from chatvec.cluster.weight_swap import EXTENSION, fingerprint_identity, load_point, swappable
+from chatvec.cluster.weight_swap import EXTENSION, Swapper, fingerprint_identity, resident_budget, swappable
 from chatvec.core.errors import InputError
 from chatvec.core.storage import Store
 from chatvec.eval.contracts import Cell, CellResult, ModelJob, Progress, RunContext, RunSettings
@@ -55,6 +57,9 @@ class Timings:
     cells: float = 0.0
     starts: int = 0
     swaps: int = 0
+    resident: int = 0  # swaps computed from inputs held in memory
+    load: float = 0.0  # reading those inputs into memory
+    streamed: list = field(default_factory=list)  # "point: why" of swaps read from storage
 
     def add(self, other: Timings | dict) -> None:
         other = other if isinstance(other, dict) else other.__dict__
@@ -99,8 +104,10 @@ def check_in_engine(engine: str, cps: Sequence[str], device: str) -> None:
 class PointEngine:
     """An engine loaded from one CP model, taking one merge point after another."""
 
-    def __init__(self, settings: RunSettings) -> None:
+    def __init__(self, settings: RunSettings, budget: int | None = None) -> None:
         self.settings = settings
+        self.budget = budget  # bytes for resident inputs (cluster/weight_swap.py:Swapper)
+        self.swapper: Swapper | None = None
         self.engine = None
         self.cp: str | None = None
         self.point: str | None = None
@@ -117,6 +124,7 @@ class PointEngine:
             start = time.perf_counter()
             extra = {"worker_extension": EXTENSION} if self.settings.engine == "vllm" else {}
             self.engine = load_engine_for(self.settings, cp, **extra)
+            self.swapper = Swapper(self.engine, self.budget)
             self.cp = cp
             self.loads[cp] += 1
             self.timings.engine_start += time.perf_counter() - start
@@ -126,17 +134,22 @@ class PointEngine:
         """Make ``point`` the engine's weights (loading its CP model first when needed)."""
         self.ensure(point.cp)
         self.point = None
-        timing = load_point(self.engine, point.plan)
+        timing = self.swapper.load_point(point.plan)
         self.point = point.name
         self.timings.swap += timing.seconds
         self.timings.swaps += 1
+        self.timings.resident += int(timing.resident)
+        self.timings.load += timing.load_seconds
+        if not timing.resident:
+            self.timings.streamed.append(f"{point.name}: {timing.why}")
         logger.info(
-            "swapped %s into the %s engine of %s in %.2f s (%d tensors)",
+            "swapped %s into the %s engine of %s in %.2f s (%d tensors, %s)",
             point.name,
             self.settings.engine,
             point.cp,
             timing.seconds,
             timing.tensors,
+            "from memory" if timing.resident else "streamed from storage",
         )
 
     def evaluator(self, run: RunContext, job: ModelJob, store: Store, point: Point):
@@ -157,9 +170,11 @@ class PointEngine:
         return ModelEvaluator(job.model, job.uri, run=run, store=store, identity=job.identity, engine=self.engine)
 
     def close(self) -> None:
+        if self.swapper is not None:
+            self.swapper.close()
         if self.engine is not None:
             self.engine.close()
-        self.engine, self.cp, self.point = None, None, None
+        self.engine, self.cp, self.point, self.swapper = None, None, None, None
 
 
 def _timed_run(evaluator, cells, on_result, timings: Timings) -> list[CellResult]:
@@ -173,9 +188,10 @@ def _timed_run(evaluator, cells, on_result, timings: Timings) -> list[CellResult
 class InEngineExecutor:
     """chatvec.eval.pipeline's CellExecutor for merge points, in this process. Judging is the usual one."""
 
-    def __init__(self, points: dict[str, Point], store: Store | None = None) -> None:
+    def __init__(self, points: dict[str, Point], store: Store | None = None, budget: int | None = None) -> None:
         self.points = points
         self.store = store
+        self.budget = budget
         self.timings = Timings()
 
     def start(self, settings: RunSettings) -> RunSettings:
@@ -185,7 +201,7 @@ class InEngineExecutor:
         self, run: RunContext, jobs: Sequence[ModelJob], progress: Progress
     ) -> tuple[list[CellResult], dict[str, int]]:
         store = self.store or Store(run.out_uri)
-        holder = PointEngine(run.settings)
+        holder = PointEngine(run.settings, self.budget)
         results: list[CellResult] = []
         try:
             for job in _by_cp(jobs, self.points):
@@ -235,11 +251,11 @@ class InEngineWorker:
     """A Ray eval actor holding a PointEngine for one CP model; each cell runs on its point's
     weights, swapped in when the cell's point differs from the one in the engine."""
 
-    def __init__(self, run: RunContext, points: dict[str, Point]) -> None:
+    def __init__(self, run: RunContext, points: dict[str, Point], budget: int | None = None) -> None:
         self.run_context = run
         self.points = points
         self.store = Store(run.out_uri)
-        self.holder = PointEngine(run.settings)
+        self.holder = PointEngine(run.settings, budget)
         self.job: TargetJob | None = None
         self.evaluator = None
         self.current: str | None = None
@@ -278,11 +294,12 @@ class RayInEngineExecutor:
     phase is the RayExecutor's. A dead actor is handled as for models: the cell it ran fails,
     the rest of its target goes back to the queue for a fresh actor."""
 
-    def __init__(self, workers: int, config, points: dict[str, Point]) -> None:
+    def __init__(self, workers: int, config, points: dict[str, Point], budget: int | None = None) -> None:
         from chatvec.cluster.eval_driver import RayExecutor
 
         self.base = RayExecutor(workers, config)
         self.points = points
+        self.budget = budget
         self.timings = Timings()
 
     def start(self, settings: RunSettings) -> RunSettings:
@@ -297,7 +314,7 @@ class RayInEngineExecutor:
 
         def make(n: int):
             return actor_cls.options(name=actor_name("in-engine", run.run_id, n), **self.base.options).remote(
-                run, self.points
+                run, self.points, self.budget
             )
 
         work = [(t, t.cells) for t in target_jobs(jobs, self.points)]
@@ -323,6 +340,7 @@ class InEngineRun:
 
     points: dict[str, Point] = field(default_factory=dict)
     timings: Timings = field(default_factory=Timings)
+    echo: Any = field(default=print, repr=False)
 
     @classmethod
     def plan(cls, sweep_plan, sweep, *, engine: str, echo=print) -> tuple[InEngineRun, list]:
@@ -330,7 +348,7 @@ class InEngineRun:
         targets = {t.key: t.cp for t in sweep.targets}
         inside, outside = split_points(sweep_plan.merges, echo)
         check_in_engine(engine, sorted({targets[m.target] for m in inside}), sweep.device)
-        run = cls({m.name: Point(m.name, targets[m.target], m.plan) for m in inside})
+        run = cls({m.name: Point(m.name, targets[m.target], m.plan) for m in inside}, echo=echo)
         if inside:
             echo(
                 f"in-engine: {len(inside)} merge point(s) swapped into engines loaded from "
@@ -371,7 +389,11 @@ class InEngineRun:
             judge_max_new_tokens=judge_max_new_tokens,
         )
         points = {name: self.points[name] for name in models}
-        executor = InEngineExecutor(points) if workers == 0 else RayInEngineExecutor(workers, config, points)
+        budget = resident_budget(config.eval.in_engine_memory)
+        if workers == 0:
+            executor = InEngineExecutor(points, budget=budget)
+        else:
+            executor = RayInEngineExecutor(workers, config, points, budget)
         outcome = run_pipeline(
             models,
             benchmarks=benchmarks,
@@ -386,4 +408,16 @@ class InEngineRun:
             toxicity=toxicity,
         )
         self.timings.add(executor.timings)
+        self._report(executor.timings)
         return outcome
+
+    def _report(self, t: Timings) -> None:
+        """How the swaps went, in the run's output (a streamed swap reads every input again)."""
+        if not t.swaps:
+            return
+        self.echo(
+            f"  in-engine swaps: {t.resident} of {t.swaps} from memory ({t.swap:.2f} s in all, "
+            f"{t.load:.2f} s of it reading inputs into memory)"
+        )
+        for line in t.streamed:
+            self.echo(f"  streamed from storage: {line}")

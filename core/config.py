@@ -104,6 +104,23 @@ class EvalSettings(_Strict):
     judge_max_new_tokens: int = Field(default=2048, ge=1)  # room for a judge that reasons before it rates
     max_restarts: int = Field(default=1, ge=0)
     vllm: VLLMSettings = Field(default_factory=VLLMSettings)
+    # in-engine sweeps: memory the CP and vector tensors may take on the engine's device so each
+    # point is computed from memory: "auto" (free memory less a margin), a size ("24GB"), or "off"
+    # (every point read from storage)
+    in_engine_memory: str = "auto"
+
+    @field_validator("in_engine_memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        from chatvec.core.errors import ConfigError
+        from chatvec.core.units import parse_size
+
+        if v not in ("auto", "off"):
+            try:
+                parse_size(v)
+            except ConfigError as exc:
+                raise ValueError(f"{exc}, or auto, or off") from None
+        return v
 
     def engine_options(self, engine: str) -> dict[str, Any]:
         """The chosen engine's own settings (only vllm has any)."""
