@@ -2,6 +2,7 @@
 
     python bench/merge.py [--size 300M,1.2B,wide] [--workers 0,1,2] [--methods add,ties:0.5]
                           [--device cpu|cuda] [--repeats 5] [--workdir DIR] [--shard-size 200MB]
+                          [--chatvec [LABEL=]COMMAND ...]
 
 Builds Llama-shaped bf16 triples (base, chat, CP; bench/merge_models.py), reads every input once
 so the page cache holds them, then, `--repeats` times, runs a pair (or a tuple, with several
@@ -130,6 +131,14 @@ def _methods(text: str) -> list[tuple[str, float]]:
     return out
 
 
+def _build(text: str) -> tuple[str, list[str]]:
+    """ "before=/path/to/chatvec" -> ("before", ["/path/to/chatvec"])."""
+    label, sep, command = text.partition("=")
+    if not sep or " " in label:
+        label, command = "", text
+    return label, shlex.split(command)
+
+
 def _span(values: list[float], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
 
@@ -143,15 +152,15 @@ def bench_size(args, size: str, workdir: Path) -> None:
     out_bytes = sum(f.stat().st_size for f in paths["cp"].glob("*.safetensors"))
     out = workdir / "out"
     methods = _methods(args.methods)
-    exes = [shlex.split(c) for c in args.chatvec] or [chatvec_command()]
-    runs = [(e, w, m) for e in exes for m in methods for w in (int(w) for w in args.workers.split(","))]
+    builds = [_build(text) for text in args.chatvec] or [("", chatvec_command())]
+    runs = [(b, w, m) for b in builds for m in methods for w in (int(w) for w in args.workers.split(","))]
     labels = [
-        (f"{shlex.join(e)} " if len(exes) > 1 else "")
+        (f"[{b[0]}] " if b[0] else "")
         + f"--workers {w}"
         + ("" if m[0] == "add" else f" --method {m[0]} --density {m[1]:g}")
-        for e, w, m in runs
+        for b, w, m in runs
     ]
-    commands = [merge_command(e, paths, out, w, args.device, args.shard_size, m) for e, w, m in runs]
+    commands = [merge_command(b[1], paths, out, w, args.device, args.shard_size, m) for b, w, m in runs]
     subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)  # page cache warm
     for command in commands:  # untimed: bytecode and numba's disk cache written, as after any first run
         settle(out)
@@ -210,7 +219,8 @@ def main() -> None:
         "--chatvec",
         action="append",
         default=[],
-        help="a chatvec command to time (repeat to compare builds in the same pairs; default: this one's)",
+        help="[LABEL=]COMMAND: a chatvec command to time (repeat to compare builds in the same pairs; "
+        "default: this environment's)",
     )
     ap.add_argument("--workdir", default=None, help="keep the triples here between runs (default: a temp dir)")
     args = ap.parse_args()

@@ -2,8 +2,10 @@
 
     reader:   jobs of every shard in order -> job buffers (inputs read into their front)
     compute:  a few threads, each buffer's output bytes after its inputs
-    writer:   output bytes into the shard files in order; a file is published (renamed) once
-              its bytes are all in it, and the next one opened at once
+    writer:   output bytes into the shard files in order, past the page cache where the
+              filesystem allows (core/direct_file.py; else each stretch is handed to the disk
+              as it is written, merge/writeback.py); a file is published (renamed) once its
+              bytes are all in it, and the next one opened at once
     hasher:   each file's sha256 over the same bytes; gives the buffers back; reports each shard
 
 The stages overlap (preadv, numba or numpy, torch, file writes and hashlib all release the
@@ -110,7 +112,7 @@ def run_shards(
         try:
             for (index, shard), count in zip(shards, jobs_per_shard):
                 written, writing[0] = 0, shard.filename
-                with store.open_writer(shard.filename) as fh:
+                with store.open_writer(shard.filename, direct=True) as fh:
                     writeback = Writeback(fh)
                     fh.write(shard.header)
                     to_hash.put((index, None, shard.header))
