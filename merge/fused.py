@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -133,7 +134,14 @@ class Kernels(NamedTuple):
 
 
 def _load_into_slot() -> None:
+    t0, c0 = time.perf_counter(), time.thread_time()
     fn = _load()
+    logger.info(
+        "merge kernels %s in %.2f s; stages: kernel-load %.3f CPU-s",
+        "ready" if fn is not None else "unavailable",
+        time.perf_counter() - t0,
+        time.thread_time() - c0,
+    )
     with _lock:
         if not _kernel:
             _kernel.append(fn)
