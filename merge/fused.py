@@ -137,7 +137,7 @@ def _load_into_slot() -> None:
     t0, c0 = time.perf_counter(), time.thread_time()
     fn = _load()
     logger.info(
-        "merge kernels %s in %.2f s; stages: kernel-load %.3f CPU-s",
+        "merge kernels %s in %.2f s; stages: kernel_load %.3f CPU-s",
         "ready" if fn is not None else "unavailable",
         time.perf_counter() - t0,
         time.thread_time() - c0,
