@@ -56,7 +56,7 @@ demo: $(STAMP)
 	$(VENV)/bin/chatvec demo --out demo-out
 
 bench: $(STAMP)
-	$(PY) bench/merge.py --workers 0,1,2 --repeats 5
+	$(PY) bench/merge.py --size 300M,1.2B --workers 0,1,2 --repeats 5
 	$(PY) bench/eval.py
 	$(PY) bench/in_engine.py
 

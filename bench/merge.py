@@ -1,29 +1,35 @@
-"""Speed and memory of `chatvec merge` against the I/O floor, measured in the same run.
+"""Speed of `chatvec merge` against the strict floor, in paired runs on the same page cache.
 
-    python bench/merge.py [--size 300M|1.2B|wide] [--workers 0,1,2] [--methods add,ties:0.5]
-                          [--device cpu|cuda] [--repeats 3] [--workdir DIR] [--shard-size 200MB]
+    python bench/merge.py [--size 300M,1.2B,wide] [--workers 0,1,2] [--methods add,ties:0.5]
+                          [--device cpu|cuda] [--repeats 5] [--workdir DIR] [--shard-size 200MB]
+                          [--chatvec [LABEL=]COMMAND ...]
 
-Builds a Llama-shaped bf16 triple (base, chat, CP) with safetensors directly (random bits, no
-model code), warms the page cache, then times:
+Builds Llama-shaped bf16 triples (base, chat, CP; bench/merge_models.py), reads every input once
+so the page cache holds them, then, `--repeats` times, runs a pair (or a tuple, with several
+workers or methods):
 
-* floor: read every input byte once with plain file reads and write the output's bytes once,
-  fsync included (the merge's data reaches the disk later; the floor counts that cost);
-* the whole `chatvec merge --workers N --method M` command in a subprocess (wall time, imports
-  included), with the child's peak RSS (for N >= 1 that is the driver's; actors are Ray's
-  processes), for every N and method asked for.
+* the strict floor, a shell command: `cat base/*.safetensors chat/*.safetensors > /dev/null;
+  cp cp/*.safetensors out/; sync` (every input byte read once, the output's size written once
+  by the kernel's own copy, and on disk when it returns);
+* `chatvec merge --workers N --method M ...; sync`, the whole command (interpreter start and
+  imports included), for every N and method asked for.
 
-`--size wide` is a triple with two 131072 x 1024 matrices per model, where `ties` (a whole-tensor
-statistic) shows its cost. Prints one table with medians over the repeats and the ratio to the
-floor, the merge phase against `--workers 0`, and the bytes each Ray actor wrote.
+Every run starts from the same state: the output folder removed, dirty pages written back,
+inputs in the page cache. Wall time is the command's; CPU time is user + system time of its
+processes (resource.getrusage(RUSAGE_CHILDREN) of a small launcher whose only child is the
+command); peak RSS is the largest process's. The table prints medians with their range and the
+median of the per-pair ratios to the floor (each merge against the floor run just before it),
+which cancels most of what other work on the machine does to both.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
-import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -32,158 +38,44 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from merge_models import SIZES, build_triple
 
 ROOT = Path(__file__).resolve().parents[1]
-# name -> (hidden, intermediate, layers, heads, kv heads, vocab)
-SIZES = {
-    "300M": (1024, 2816, 18, 16, 8, 32000),
-    "1.2B": (2048, 5632, 22, 32, 4, 32000),
-    # two 131072 x 1024 matrices per model (about 0.55 GB): where TIES' whole-tensor work shows
-    "wide": (1024, 2816, 2, 16, 8, 131072),
-}
 
-
-def llama_tensors(
-    hidden: int, inter: int, layers: int, heads: int, kv: int, vocab: int
-) -> list[tuple[str, tuple[int, ...]]]:
-    head_dim = hidden // heads
-    out = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out += [
-            (p + "input_layernorm.weight", (hidden,)),
-            (p + "self_attn.q_proj.weight", (hidden, hidden)),
-            (p + "self_attn.k_proj.weight", (kv * head_dim, hidden)),
-            (p + "self_attn.v_proj.weight", (kv * head_dim, hidden)),
-            (p + "self_attn.o_proj.weight", (hidden, hidden)),
-            (p + "post_attention_layernorm.weight", (hidden,)),
-            (p + "mlp.gate_proj.weight", (inter, hidden)),
-            (p + "mlp.up_proj.weight", (inter, hidden)),
-            (p + "mlp.down_proj.weight", (hidden, inter)),
-        ]
-    out += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
-    return out
-
-
-def write_model(folder: Path, size: str, seed: int, shard_bytes: int) -> int:
-    """A sharded bf16 checkpoint of random small-magnitude values; returns the parameter count."""
-    hidden, inter, layers, heads, kv, vocab = SIZES[size]
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    tensors = llama_tensors(hidden, inter, layers, heads, kv, vocab)
-    groups, cur, cur_bytes = [], [], 0
-    for name, shape in tensors:
-        nbytes = int(np.prod(shape)) * 2
-        if cur and cur_bytes + nbytes > shard_bytes:
-            groups.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append((name, shape))
-        cur_bytes += nbytes
-    groups.append(cur)
-    weight_map, total = {}, 0
-    for k, group in enumerate(groups):
-        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        arrays = {}
-        for name, shape in group:
-            # bf16 bit patterns of +-[2^-8, 2^-6): magnitudes like trained weights, no NaN/inf
-            bits = rng.integers(0x3B80, 0x3C80, size=shape, dtype=np.uint16)
-            bits |= rng.integers(0, 2, size=shape, dtype=np.uint16) << 15
-            arrays[name] = bits
-            total += bits.size
-            weight_map[name] = fname
-        _save_bf16(folder / fname, arrays)
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total * 2}, "weight_map": weight_map})
-    )
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv,
-        "vocab_size": vocab,
-        "torch_dtype": "bfloat16",
-        "tie_word_embeddings": False,
-        "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 2048,
-    }
-    (folder / "config.json").write_text(json.dumps(config, indent=1))
-    return total
-
-
-def _save_bf16(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """A safetensors file of bf16 tensors given as uint16 bit patterns (the format is that simple)."""
-    header, pos = {"__metadata__": {"format": "pt"}}, 0
-    for name, a in arrays.items():
-        header[name] = {"dtype": "BF16", "shape": list(a.shape), "data_offsets": [pos, pos + a.nbytes]}
-        pos += a.nbytes
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as fh:
-        fh.write(len(raw).to_bytes(8, "little") + raw)
-        for a in arrays.values():
-            fh.write(memoryview(np.ascontiguousarray(a)).cast("B"))
-
-
-def build_triple(workdir: Path, size: str, shard_bytes: int) -> dict[str, Path]:
-    root = workdir / f"triple-{size}"
-    paths = {r: root / r for r in ("base", "chat", "cp")}
-    stamp = root / "complete"
-    if not stamp.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        for seed, (role, path) in enumerate(paths.items()):
-            t0 = time.perf_counter()
-            n = write_model(path, size, seed, shard_bytes)
-            print(f"built {role}: {n / 1e6:.0f}M params in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        stamp.write_text("ok")
-    return paths
-
-
-def input_files(paths: dict[str, Path]) -> list[Path]:
-    return sorted(f for p in paths.values() for f in p.glob("*.safetensors"))
-
-
-def io_floor(files: list[Path], out_bytes: int, out_path: Path) -> float:
-    """Plain reads of every input byte once + one write of the output's size."""
-    buf = bytearray(16 << 20)
-    view = memoryview(buf)
-    t0 = time.perf_counter()
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            while os.readv(fd, [view]):
-                pass
-        finally:
-            os.close(fd)
-    with open(out_path, "wb") as fh:
-        left = out_bytes
-        while left:
-            n = min(left, len(buf))
-            fh.write(view[:n])
-            left -= n
-        fh.flush()
-        os.fsync(fh.fileno())
-    seconds = time.perf_counter() - t0
-    out_path.unlink()
-    return seconds
-
-
-# Runs the command and reports its own wall time, CPU time and peak RSS. A small launcher does
-# the fork: a child forked straight from this (large) process would inherit its RSS high-water
-# mark into ru_maxrss.
+# Runs `sh -c COMMAND` and reports its wall time, CPU time and peak RSS. The launcher keeps the
+# bench's own (large) process out of the figures: a child forked straight from it would inherit
+# its RSS high-water mark, and RUSAGE_CHILDREN counts only what this launcher waited for.
 _LAUNCHER = """
 import json, resource, subprocess, sys, time
 t0 = time.perf_counter()
-proc = subprocess.run(sys.argv[1:], capture_output=True)
+proc = subprocess.run(["sh", "-c", sys.argv[1]], capture_output=True)
 seconds = time.perf_counter() - t0
 sys.stdout.write(proc.stdout.decode())
 sys.stderr.write(proc.stderr.decode())
-r = resource.getrusage(resource.RUSAGE_CHILDREN)  # the merge is this launcher's only child
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(json.dumps({"rc": proc.returncode, "seconds": seconds, "cpu": r.ru_utime + r.ru_stime, "maxrss": r.ru_maxrss * 1024}), file=sys.stderr)
 """
+
+
+class Run:
+    """One timed command: wall s, CPU s, peak RSS, its stdout and its log."""
+
+    def __init__(self, command: str) -> None:
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, command], capture_output=True, cwd=ROOT)
+        lines = proc.stderr.decode().strip().splitlines()
+        stats = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {"rc": proc.returncode or 1}
+        if stats["rc"]:
+            raise SystemExit(f"{command} failed ({stats['rc']}):\n" + "\n".join(lines[:-1]))
+        self.seconds, self.cpu, self.rss = stats["seconds"], stats["cpu"], stats["maxrss"]
+        self.stdout, self.log = proc.stdout.decode().strip(), "\n".join(lines[:-1])
+
+
+def floor_command(paths: dict[str, Path], out: Path) -> str:
+    q = shlex.quote
+    return (
+        f"cat {q(str(paths['base']))}/*.safetensors {q(str(paths['chat']))}/*.safetensors > /dev/null; "
+        f"mkdir -p {q(str(out))}; cp {q(str(paths['cp']))}/*.safetensors {q(str(out))}/; sync"
+    )
 
 
 def chatvec_command() -> list[str]:
@@ -191,7 +83,17 @@ def chatvec_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "chatvec.cli"]
 
 
+def merge_command(exe: list[str], paths, out: Path, workers: int, device: str, shard_size: str, method) -> str:
+    cmd = exe + ["-v", "merge", "--cp", str(paths["cp"]), "--base", str(paths["base"])]
+    cmd += ["--chat", str(paths["chat"]), "--out", str(out), "--workers", str(workers), "--device", device]
+    cmd += ["--shard-size", shard_size, "--ratio", "1.0", "--method", method[0]]
+    if method[0] != "add":
+        cmd += ["--density", str(method[1])]
+    return shlex.join(cmd) + " && sync"
+
+
 _PHASE = re.compile(r"(ray start|actors up|shards|commit) ([0-9.]+) s")
+_STAGES = re.compile(r"(\w+) ([0-9.]+) CPU-s")
 
 
 def merge_phases(log: str) -> dict[str, float]:
@@ -202,60 +104,22 @@ def merge_phases(log: str) -> dict[str, float]:
     return {}
 
 
-def run_merge(paths, out, workers, device, shard_size, method=("add", 1.0)) -> tuple[float, float, int, str, dict]:
-    """Wall seconds, CPU seconds, peak RSS, summary line and Ray phase timings of one whole
-    `chatvec merge` process."""
+def stage_cpu(log: str) -> dict[str, float]:
+    """CPU seconds per stage of an in-process merge, summed over its shards (merge/stage_clock.py's lines)."""
+    total: dict[str, float] = {}
+    for line in log.splitlines():
+        if "stages:" in line:
+            for k, v in _STAGES.findall(line.split("stages:", 1)[1]):
+                total[k] = total.get(k, 0.0) + float(v)
+    return total
+
+
+def settle(out: Path) -> None:
+    """The same start for every run: no output folder, dirty pages written back, and a Ray run's
+    processes (which go on exiting after its command returns) given time to go."""
     shutil.rmtree(out, ignore_errors=True)
-    settle()
-    cmd = chatvec_command() + [
-        "-v",
-        "merge",
-        "--cp",
-        str(paths["cp"]),
-        "--base",
-        str(paths["base"]),
-        "--chat",
-        str(paths["chat"]),
-        "--out",
-        str(out),
-        "--workers",
-        str(workers),
-        "--device",
-        device,
-        "--shard-size",
-        shard_size,
-        "--method",
-        method[0],
-        "--density",
-        str(method[1]),
-    ]
-    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *cmd], capture_output=True, cwd=ROOT)
-    lines = proc.stderr.decode().strip().splitlines()
-    stats = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {"rc": proc.returncode or 1}
-    if stats["rc"]:
-        raise SystemExit(f"merge failed ({stats['rc']}):\n" + "\n".join(lines[:-1]))
-    log = "\n".join(lines[:-1])
-    return stats["seconds"], stats["cpu"], stats["maxrss"], proc.stdout.decode().strip(), merge_phases(log)
-
-
-def _inner_seconds(summary: str, phases: dict[str, float]) -> float:
-    """Workers 0: the summary's own seconds; Ray: the driver's shard and commit phases."""
-    if phases:
-        return phases.get("shards", 0.0) + phases.get("commit", 0.0)
-    m = re.search(r" in ([0-9.]+) s ", summary)
-    return float(m.group(1)) if m else float("nan")
-
-
-def settle() -> None:
-    """Start each timed run from a quiet machine: earlier runs' dirty pages written back, and a
-    Ray run's processes (which go on exiting after its command returns) given time to go."""
     os.sync()
-    time.sleep(2.0)
-
-
-def _cpu_self() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    time.sleep(1.0)
 
 
 def _methods(text: str) -> list[tuple[str, float]]:
@@ -267,105 +131,110 @@ def _methods(text: str) -> list[tuple[str, float]]:
     return out
 
 
-_BYTES_PER_WORKER = re.compile(r"bytes per worker: (.*)$", re.M)
+def _build(text: str) -> tuple[str, list[str]]:
+    """ "before=/path/to/chatvec" -> ("before", ["/path/to/chatvec"])."""
+    label, sep, command = text.partition("=")
+    if not sep or " " in label:
+        label, command = "", text
+    return label, shlex.split(command)
 
 
-def bytes_per_worker(summary: str) -> str:
-    """'merge actor 0 ... 1.2 GB, merge actor 1 ... 1.1 GB' -> 'actor 0 1.2 GB / actor 1 1.1 GB'."""
-    m = _BYTES_PER_WORKER.search(summary)
-    if not m:
-        return "-"
-    parts = re.findall(r"merge actor (\d+) pid \d+ on \S+ ([0-9.]+ [kMGT]?B)", m.group(1))
-    return " / ".join(f"actor {k} {size}" for k, size in parts) or m.group(1)
+def _span(values: list[float], fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
+
+
+def bench_size(args, size: str, workdir: Path) -> None:
+    from chatvec.core.units import format_size, parse_size
+
+    paths = build_triple(workdir, size, parse_size(args.shard_size))
+    files = sorted(f for p in paths.values() for f in p.glob("*.safetensors"))
+    in_bytes = sum(f.stat().st_size for f in files)
+    out_bytes = sum(f.stat().st_size for f in paths["cp"].glob("*.safetensors"))
+    out = workdir / "out"
+    methods = _methods(args.methods)
+    builds = [_build(text) for text in args.chatvec] or [("", chatvec_command())]
+    runs = [(b, w, m) for b in builds for m in methods for w in (int(w) for w in args.workers.split(","))]
+    labels = [
+        (f"[{b[0]}] " if b[0] else "")
+        + f"--workers {w}"
+        + ("" if m[0] == "add" else f" --method {m[0]} --density {m[1]:g}")
+        for b, w, m in runs
+    ]
+    commands = [merge_command(b[1], paths, out, w, args.device, args.shard_size, m) for b, w, m in runs]
+    subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)  # page cache warm
+    for command in commands:  # untimed: bytecode and numba's disk cache written, as after any first run
+        settle(out)
+        Run(command)
+    results: dict[str, list[Run]] = {"floor": [], **{name: [] for name in labels}}
+    loads = []
+    started = datetime.datetime.now()
+    for _ in range(args.repeats):
+        for name, command in [("floor", floor_command(paths, out)), *zip(labels, commands)]:
+            settle(out)
+            loads.append(os.getloadavg()[0])
+            results[name].append(Run(command))
+    ended = datetime.datetime.now()
+    floors = results["floor"]
+    print(
+        f"\n{size} bf16 Llama-shaped triple: reads {format_size(in_bytes)}, writes {format_size(out_bytes)}; "
+        f"shards {args.shard_size}; device {args.device}; {args.repeats} pairs; page cache warm; "
+        f"{os.cpu_count()} CPUs; {started:%Y-%m-%d %H:%M}-{ended:%H:%M}; 1-min load average {_span(loads, '{:.1f}')}"
+    )
+    print("| run | wall s | range | x floor | range | CPU s | range | x floor CPU | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, vals in results.items():
+        walls, cpus = [r.seconds for r in vals], [r.cpu for r in vals]
+        ratios = [r.seconds / f.seconds for r, f in zip(vals, floors)]
+        cpu_ratios = [r.cpu / f.cpu for r, f in zip(vals, floors) if f.cpu > 0]
+        rss = max(r.rss for r in vals)
+        shown = "strict floor (cat, cp, sync)" if name == "floor" else f"`chatvec merge {name}; sync`"
+        print(
+            f"| {shown} | {statistics.median(walls):.2f} | {_span(walls)} | {statistics.median(ratios):.2f} | "
+            f"{_span(ratios)} | {statistics.median(cpus):.2f} | {_span(cpus)} | "
+            f"{statistics.median(cpu_ratios) if cpu_ratios else float('nan'):.2f} | "
+            f"{format_size(rss) if name != 'floor' else '-'} |"
+        )
+    print("x floor: median over the pairs of merge / floor (wall or CPU) of the same pair.")
+    for name in labels:
+        stages = [stage_cpu(r.log) for r in results[name]]
+        if stages and all(stages):
+            keys = list(stages[0])
+            shown = ", ".join(f"{k} {statistics.median(s.get(k, 0.0) for s in stages):.2f}" for k in keys)
+            print(f"{name}: CPU-s per stage (medians, summed over shards): {shown}")
+        phases = [merge_phases(r.log) for r in results[name]]
+        if phases and all(phases):
+            shown = ", ".join(f"{k} {statistics.median(p.get(k, 0.0) for p in phases):.2f} s" for k in phases[0])
+            print(f"{name}: Ray phases (medians): {shown}; last: {results[name][-1].stdout.splitlines()[-1]}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=sorted(SIZES), default="300M")
+    ap.add_argument("--size", default="300M", help=f"comma-separated, of {', '.join(SIZES)}")
     ap.add_argument("--workers", default="0", help="comma-separated worker counts, e.g. 0,1,2")
     ap.add_argument("--methods", default="add", help="comma-separated methods with densities, e.g. add,ties:0.5")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="pairs (floor, merge) per size")
     ap.add_argument("--shard-size", default="200MB")
-    ap.add_argument("--workdir", default=None, help="keep the triple here between runs (default: a temp dir)")
+    ap.add_argument(
+        "--chatvec",
+        action="append",
+        default=[],
+        help="[LABEL=]COMMAND: a chatvec command to time (repeat to compare builds in the same pairs; "
+        "default: this environment's)",
+    )
+    ap.add_argument("--workdir", default=None, help="keep the triples here between runs (default: a temp dir)")
     args = ap.parse_args()
-    from chatvec.core.units import format_size, parse_size
-
+    sizes = args.size.split(",")
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        ap.error(f"unknown size {unknown}: use {', '.join(SIZES)}")
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chatvec-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        paths = build_triple(workdir, args.size, parse_size(args.shard_size))
-        files = input_files(paths)
-        in_bytes = sum(f.stat().st_size for f in files)
-        out_bytes = sum(f.stat().st_size for f in paths["cp"].glob("*.safetensors"))
-        workers = [int(w) for w in args.workers.split(",")]
-        methods = _methods(args.methods)
-        runs = [(w, m) for m in methods for w in workers]
-
-        def label(w: int, m: tuple[str, float]) -> str:
-            return f"--workers {w}" + ("" if m[0] == "add" else f" {m[0]} {m[1]:g}")
-
-        io_floor(files, out_bytes, workdir / "floor.bin")  # warm the page cache
-        rows: dict[str, list[tuple[float, float, int]]] = {"floor": []}
-        inner: dict[str, list[float]] = {}
-        startup: dict[str, list[float]] = {}
-        spread: dict[str, str] = {}
-        for w, m in runs:
-            rows[label(w, m)] = []
-        last = ""
-        for _ in range(args.repeats):
-            shutil.rmtree(workdir / "out", ignore_errors=True)
-            settle()
-            c0 = _cpu_self()
-            s = io_floor(files, out_bytes, workdir / "floor.bin")
-            rows["floor"].append((s, _cpu_self() - c0, 0))
-            for w, m in runs:
-                name = label(w, m)
-                s, cpu, rss, last, phases = run_merge(paths, workdir / "out", w, args.device, args.shard_size, m)
-                rows[name].append((s, cpu, rss))
-                inner.setdefault(name, []).append(_inner_seconds(last, phases))
-                if phases:
-                    startup.setdefault(name, []).append(phases.get("ray start", 0.0) + phases.get("actors up", 0.0))
-                    spread[name] = bytes_per_worker(last)
-        floor = statistics.median(v[0] for v in rows["floor"])
-        floor_cpu = statistics.median(v[1] for v in rows["floor"])
-        print(
-            f"\n{args.size} bf16 Llama-shaped triple: reads {format_size(in_bytes)}, "
-            f"writes {format_size(out_bytes)}; "
-            f"shards {args.shard_size}; device {args.device}; median of {args.repeats}; page cache warm; "
-            f"{os.cpu_count()} CPUs"
-        )
-        print("| run | wall s | fastest | x floor | CPU s | x floor CPU | GB/s | peak RSS |")
-        print("|---|---|---|---|---|---|---|---|")
-        for name, vals in rows.items():
-            med = statistics.median(v[0] for v in vals)
-            cpu = statistics.median(v[1] for v in vals)
-            rss = max(v[2] for v in vals)
-            shown = "I/O floor (fsync included)" if name == "floor" else f"`chatvec merge {name}`"
-            print(
-                f"| {shown} | {med:.2f} | {min(v[0] for v in vals):.2f} | {med / floor:.2f} | {cpu:.2f} | "
-                f"{cpu / floor_cpu:.2f} | {(in_bytes + out_bytes) / med / 1e9:.2f} | "
-                f"{format_size(rss) if rss else '-'} |"
-            )
-        print(
-            "GB/s counts input plus output bytes; CPU s is user + system time of the process (for the floor: "
-            "of its reads and writes)."
-        )
-        print(
-            "\nThe merge itself, inside the command (imports, and for Ray its start-up and actor start-up, left out):"
-        )
-        print("| run | merge s | x `--workers 0` add | Ray + actor start s | bytes per actor |")
-        print("|---|---|---|---|---|")
-        base_name = label(0, methods[0]) if 0 in workers and methods[0][0] == "add" else None
-        base = statistics.median(inner[base_name]) if base_name else None
-        for w, m in runs:
-            name = label(w, m)
-            med = statistics.median(inner[name])
-            ratio = f"{med / base:.2f}" if base else "-"
-            start = f"{statistics.median(startup[name]):.2f}" if name in startup else "-"
-            print(f"| `{name}` | {med:.2f} | {ratio} | {start} | {spread.get(name, '-')} |")
-        print(f"last summary: {last}")
+        for size in sizes:
+            bench_size(args, size, workdir)
     finally:
+        shutil.rmtree(workdir / "out", ignore_errors=True)
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 

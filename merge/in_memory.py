@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from chatvec.merge import fused
 from chatvec.merge.compute import Scratch, compute_job
-from chatvec.merge.fused import warm_up
 from chatvec.merge.jobs import task_jobs
 from chatvec.merge.kernels import make_backend
 from chatvec.merge.plan import MergePlan
@@ -33,7 +33,7 @@ def merged_tensors(plan: MergePlan, *, device: str = "cpu") -> Iterator[tuple[st
     backend = make_backend(device)
     scratch = Scratch(backend, backend.step)
     if scratch.fused:
-        warm_up()
+        fused.start(worth_it=True)  # an in-engine sweep merges many points in one process
     readers, threshold_readers = Readers(plan), Readers(plan)
     buf = np.empty(0, np.uint8)
     try:

@@ -51,8 +51,8 @@ class ShardExecutor(Protocol):
 
 
 class LocalShardExecutor:
-    """Shards one after the other in this process; each shard's stages run in threads
-    (merge/shard_writer.py)."""
+    """Shards one after the other in this process, as one pipeline of threads
+    (merge/shard_pipeline.py)."""
 
     def __init__(self, plan: MergePlan, out: Store, device: str = "cpu") -> None:
         self.plan, self.out, self.device = plan, out, device
@@ -60,8 +60,7 @@ class LocalShardExecutor:
 
     def write_shards(self, pending: list[int], on_bytes: Callable[[int], None]) -> Iterator[tuple[int, ShardResult]]:
         self.writer = ShardWriter(self.plan, self.device)
-        for index in pending:
-            yield index, self.writer.write(index, self.out, on_bytes)
+        yield from self.writer.write_many(pending, self.out, on_bytes)
 
     def devices(self) -> list[str]:
         return [self.writer.device] if self.writer is not None else []

@@ -1,10 +1,10 @@
-"""Write one output shard: read byte ranges, compute, stream the file out, hashing as it goes.
+"""Write output shards: read byte ranges, compute, stream the files out, hashing as it goes.
 
-The stages overlap in threads (preadv, numpy, torch, file writes and hashlib all release the
-GIL): a reader fills job buffers, a small pool of compute threads turns them into output
-bytes, a writer puts them in the file in order and a hasher computes the shard's sha256 next to
-it. The shard header is known from the plan, so output streams tensor by tensor and memory
-stays at a few job buffers (MAX_IN_FLIGHT bytes) whatever the shard size.
+A ShardWriter holds what is worth keeping across the shards of a plan (the arithmetic backend,
+job buffers, open input files); the stages themselves are threads (merge/shard_pipeline.py).
+The shard header is known from the plan, so output streams tensor by tensor and memory stays at
+a few job buffers (MAX_IN_FLIGHT bytes) whatever the shard size. A shard is recorded (size,
+sha256, who wrote it) once written, so an interrupted merge resumes after it.
 """
 
 from __future__ import annotations
@@ -13,35 +13,35 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import socket
-import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from chatvec.core.errors import ChatvecError, InputError
+from chatvec.core.errors import InputError
 from chatvec.core.storage import RangeReader, Store
-from chatvec.merge.compute import Scratch, compute_job
-from chatvec.merge.fused import warm_up
+from chatvec.merge import fused
+from chatvec.merge.buffer_pool import BufferPool
+from chatvec.merge.compute import Scratch
 from chatvec.merge.jobs import Job, task_jobs
 from chatvec.merge.kernels import make_backend
 from chatvec.merge.methods import METHODS, drops
 from chatvec.merge.plan import MergePlan
-from chatvec.merge.ties_threshold import attach_thresholds
+from chatvec.merge.shard_pipeline import run_shards
 
 logger = logging.getLogger(__name__)
 
 RECORDS = ".chatvec/shards"
 # input + output job bytes allowed in flight between the stages
 MAX_IN_FLIGHT = 96 << 20
-# Merges this large load the fused kernels (merge/fused.py): measured, numba's import and code
-# load cost about 0.4 CPU-seconds, what the add kernel saves on roughly 1 GB of bf16 output, and
-# what the TIES kernels (counting passes and the merge) or DARE's drop save on about 16M entries.
+# Merges this large load the fused kernels (merge/fused.py): measured, numba's start (0.3 to 0.4
+# CPU-seconds from a warm disk cache, nearly all of it holding the GIL, so it runs alone) is won
+# back in wall time by the add kernel on about 1 GB of bf16 output (at 0.56 GB it breaks even in
+# CPU and loses in wall time), by the TIES kernels (counting passes and the merge) or DARE's
+# drop on about 16M entries.
 FUSED_MIN_BYTES = 1_000_000_000
 FUSED_MIN_COSTLY_ELEMS = 1 << 24
-_DONE = object()
 
 
 @dataclass
@@ -55,51 +55,6 @@ class ShardResult:
 def worker_name(role: str = "in-process") -> str:
     """Who writes a shard, as the manifest records it: role, host and process id."""
     return f"{role} pid {os.getpid()} on {socket.gethostname()}"
-
-
-class _Pool:
-    """Reusable byte buffers under a budget of bytes in flight."""
-
-    def __init__(self, budget: int, alloc: Callable[[int], np.ndarray] | None = None) -> None:
-        self.budget = budget
-        self.alloc = alloc or (lambda n: np.empty(n, np.uint8))
-        self.used = 0
-        self.free: list[np.ndarray] = []
-        self.cond = threading.Condition()
-        self.closed = False
-
-    def take(self, nbytes: int) -> np.ndarray:
-        with self.cond:
-            # one oversized job (a whole TIES tensor) may run alone
-            while self.used and self.used + nbytes > self.budget and not self.closed:
-                self.cond.wait()
-            if self.closed:
-                raise _Stopped()
-            self.used += nbytes
-            best = None
-            for i, b in enumerate(self.free):
-                if b.size >= nbytes and (best is None or b.size < self.free[best].size):
-                    best = i
-            if best is not None:
-                return self.free.pop(best)
-        return self.alloc(max(nbytes, 1))
-
-    def give(self, buf: np.ndarray, nbytes: int) -> None:
-        with self.cond:
-            self.used -= nbytes
-            # keep at most a budget's worth of idle buffers
-            if buf.size + sum(b.size for b in self.free) <= self.budget:
-                self.free.append(buf)
-            self.cond.notify_all()
-
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-
-
-class _Stopped(Exception):
-    pass
 
 
 class Readers:
@@ -169,149 +124,41 @@ class ShardWriter:
         self.device = self.backend.name
         self.readers = Readers(plan)
         self.threshold_readers = Readers(plan)  # for the TIES thresholds' own thread
-        self.pool = self._new_pool()
         self.threads = threads or compute_threads(self.device)
         self.scratch = [Scratch(self.backend, self.backend.step) for _ in range(self.threads)]
-        if self.scratch[0].fused and _worth_the_kernels(plan):
-            warm_up()
+        if self.scratch[0].fused:
+            fused.start(_worth_the_kernels(plan))
+        self.pool = self._new_pool()
 
-    def _new_pool(self) -> _Pool:
-        return _Pool(MAX_IN_FLIGHT, getattr(self.backend, "host_buffer", None))
+    def _new_pool(self) -> BufferPool:
+        # an ordinary job: JOB_ELEMS elements of every input and of the output, each read aligned
+        slab = max((j.in_bytes + j.out_bytes for t in self.plan.tasks.values() for j in task_jobs(t)[:1]), default=0)
+        slab = min(slab, MAX_IN_FLIGHT // 4)
+        return BufferPool(MAX_IN_FLIGHT, slab, getattr(self.backend, "host_buffer", None))
 
     def close(self) -> None:
         self.readers.close()
         self.threshold_readers.close()
 
     def write(self, index: int, store: Store, on_bytes: Callable[[int], None] | None = None) -> ShardResult:
-        """Write output shard `index` into `store` and record it (see the module docstring)."""
-        plan = self.plan
-        shard = plan.shards[index]
-        jobs = [j for t in plan.shard_tasks(index) for j in task_jobs(t)]
-        if self.pool.closed:
-            self.pool = self._new_pool()
-        pool = self.pool
-        to_compute: queue.Queue = queue.Queue()
-        to_hash: queue.Queue = queue.Queue()
-        done: dict[int, tuple] = {}
-        done_cv = threading.Condition()
-        errors: list[BaseException] = []
-        stop = threading.Event()
-        sha = hashlib.sha256()
-        written = [0]
-
-        def fail(exc: BaseException) -> None:
-            errors.append(exc)
-            stop.set()
-            pool.close()
-            with done_cv:
-                done_cv.notify_all()
-
-        def read_loop() -> None:
-            try:
-                for seq, job in enumerate(attach_thresholds(jobs, self.threshold_readers.read_inputs)):
-                    buf = pool.take(job.in_bytes + job.out_bytes)
-                    if stop.is_set():
-                        break
-                    self.readers.read_inputs(job, buf)
-                    to_compute.put((seq, job, buf))
-            except _Stopped:
-                pass
-            except BaseException as exc:  # noqa: BLE001 - reported by the calling thread
-                fail(exc)
-            finally:
-                for _ in range(self.threads):
-                    to_compute.put(None)
-
-        def compute_loop(scratch: Scratch) -> None:
-            try:
-                while not stop.is_set():
-                    item = to_compute.get()
-                    if item is None:
-                        break
-                    seq, job, buf = item
-                    # output bytes go after the inputs in the same buffer: one take, one give
-                    compute_job(self.backend, job, buf, buf[job.in_bytes : job.in_bytes + job.out_bytes], scratch)
-                    with done_cv:
-                        done[seq] = (job, buf)
-                        done_cv.notify_all()
-            except BaseException as exc:  # noqa: BLE001
-                fail(exc)
-
-        def write_loop() -> None:
-            try:
-                with store.open_writer(shard.filename) as fh:
-                    fh.write(shard.header)
-                    to_hash.put((None, shard.header))
-                    for seq in range(len(jobs)):
-                        with done_cv:
-                            while seq not in done and not stop.is_set():
-                                done_cv.wait()
-                            if stop.is_set():
-                                raise _Stopped()
-                            job, buf = done.pop(seq)
-                        view = memoryview(buf)[job.in_bytes : job.in_bytes + job.out_bytes]
-                        fh.write(view)
-                        to_hash.put((job, buf))
-                    to_hash.put(_DONE)
-                    hasher.join()
-                    if stop.is_set():
-                        raise _Stopped()
-                    if written[0] != shard.nbytes:
-                        raise RuntimeError(f"{shard.filename}: wrote {written[0]} bytes, planned {shard.nbytes}")
-            except _Stopped:
-                pass
-            except BaseException as exc:  # noqa: BLE001
-                fail(exc)
-            finally:
-                to_hash.put(_DONE)
-
-        def hash_loop() -> None:
-            while True:
-                item = to_hash.get()
-                if item is _DONE:
-                    return
-                job, buf = item
-                if job is None:
-                    data, n = buf, len(buf)
-                else:
-                    data, n = memoryview(buf)[job.in_bytes : job.in_bytes + job.out_bytes], job.out_bytes
-                sha.update(data)
-                written[0] += n
-                if job is not None:
-                    pool.give(buf, job.in_bytes + job.out_bytes)
-                if on_bytes and n:
-                    on_bytes(n)
-
-        hasher = threading.Thread(target=hash_loop, name="chatvec-hash", daemon=True)
-        threads = [threading.Thread(target=read_loop, name="chatvec-read", daemon=True)]
-        threads += [
-            threading.Thread(target=compute_loop, args=(scratch,), name=f"chatvec-compute-{k}", daemon=True)
-            for k, scratch in enumerate(self.scratch)
-        ]
-        threads.append(threading.Thread(target=write_loop, name="chatvec-write", daemon=True))
-        hasher.start()
-        for t in threads:
-            t.start()
-        try:
-            for t in threads:
-                t.join()
-        except BaseException as exc:  # Ctrl-C: stop the stages, leave no partial file
-            fail(exc)
-            for t in threads:
-                t.join()
-        hasher.join()
-        if errors:
-            self.pool = self._new_pool()
-            err = errors[0]
-            if isinstance(err, ChatvecError):
-                raise err
-            if isinstance(err, OSError):
-                raise InputError(f"writing {store.describe(shard.filename)} failed: {err}") from err
-            raise err
-        result = ShardResult(shard.filename, shard.nbytes, sha.hexdigest(), self.worker)
-        record = {**asdict(result), "fingerprint": plan.fingerprint()}
-        store.write_text(f"{RECORDS}/{shard.filename}.json", json.dumps(record, indent=1))
+        """Write output shard `index` into `store` and record it."""
+        [(_, result)] = list(self.write_many([index], store, on_bytes))
         return result
+
+    def write_many(
+        self, indexes: list[int], store: Store, on_bytes: Callable[[int], None] | None = None
+    ) -> Iterator[tuple[int, ShardResult]]:
+        """Write the shards `indexes` into `store` in order, as one pipeline
+        (merge/shard_pipeline.py), and record each; yield each as it is done."""
+        if self.pool.closed:  # an earlier error stopped it
+            self.pool = self._new_pool()
+        fingerprint = self.plan.fingerprint()
+        for index, digest in run_shards(self, indexes, store, on_bytes):
+            shard = self.plan.shards[index]
+            result = ShardResult(shard.filename, shard.nbytes, digest, self.worker)
+            record = {**asdict(result), "fingerprint": fingerprint}
+            store.write_text(f"{RECORDS}/{shard.filename}.json", json.dumps(record, indent=1))
+            yield index, result
 
 
 def hash_file(store: Store, rel: str, chunk: int = 8 << 20) -> str:
