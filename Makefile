@@ -59,6 +59,9 @@ bench: $(STAMP)
 	$(PY) bench/merge.py --size 300M,1.2B --workers 0,1,2 --repeats 5
 	$(PY) bench/eval.py
 	$(PY) bench/in_engine.py
+	$(PY) bench/swap.py
+	$(PY) bench/replicas.py
+	$(PY) bench/tune.py
 
 clean:
 	rm -rf demo-out .pytest_cache
