@@ -88,13 +88,17 @@ class TrialWorker:
 
     def run_job(self, run: RunContext, job: ModelJob, point: Point) -> tuple[list[CellResult], dict]:
         store = Store(run.out_uri)
-        before = dict(self.holder.timings.__dict__)
+        before = {k: (list(v) if isinstance(v, list) else v) for k, v in self.holder.timings.__dict__.items()}
         evaluator = self.holder.evaluator(run, job, store, point)
         try:
             results = _timed_run(evaluator, job.cells, None, self.holder.timings)
         finally:
             evaluator.close()
-        spent = {k: v - before[k] for k, v in self.holder.timings.__dict__.items()}
+        # numbers as differences; lists (the points streamed from storage) as what was added since
+        spent = {
+            k: v[len(before[k]) :] if isinstance(v, list) else v - before[k]
+            for k, v in self.holder.timings.__dict__.items()
+        }
         return results, {**spent, "pid": os.getpid()}
 
     def close(self) -> None:

@@ -321,7 +321,7 @@ def _spent(evaluator: Evaluator) -> dict:
 def _timings(evaluator: Evaluator, before: dict, seconds: float, trials: int) -> dict:
     """Where the search's time went (the grid and the test phase are not part of it)."""
     now = _spent(evaluator)
-    d = {k: now[k] - before[k] for k in now}
+    d = {k: now[k] - before[k] for k in now if isinstance(now[k], (int, float))}
     return {
         "trials": trials,
         "search_s": seconds,
@@ -331,6 +331,7 @@ def _timings(evaluator: Evaluator, before: dict, seconds: float, trials: int) ->
         "generate_s": d["cells"],
         "judge_s": d["judge"],
         "swaps": d["swaps"],
+        "swaps_from_memory": d.get("resident", 0),
     }
 
 

@@ -67,6 +67,8 @@ def test_a_killed_actor_s_trial_runs_again_on_a_fresh_actor(ray_cluster, tmp_pat
     killer.join()
     assert killed.is_set()
     assert any("running" in line and "again" in line for line in lines), lines
-    assert [r.state for r in outcome.trials] == ["complete"] * 3
+    assert [r.state for r in outcome.trials] == ["complete"] * 3, [
+        (r.state, getattr(r, "error", None)) for r in outcome.trials
+    ]
     assert outcome.finalists[0].test  # the winner ran on test, on the actors too
     assert not (tmp_path / "store" / "models").exists()
