@@ -130,6 +130,18 @@ class Baselines(_Strict):
     extra: dict[str, str] = Field(default_factory=dict)  # name -> URI, in every target language
 
 
+def method_list(v: Any) -> Any:
+    """A file's `methods:` as a list of method entries: one name, one entry or a list of either."""
+    v = [v] if isinstance(v, (str, dict)) else v
+    return [{"method": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+
+
+def embedding_list(v: Any) -> Any:
+    """A file's `embeddings:` as a list of policies; null means "all" (every row gets the vector)."""
+    v = [v] if v is None or isinstance(v, str) else v
+    return ["all" if e is None else e for e in v] if isinstance(v, list) else v
+
+
 class Workers(_Strict):
     merge: int | None = Field(default=None, ge=0)  # 0: merge in this process without Ray
     eval: int | None = Field(default=None, ge=0)
@@ -178,14 +190,12 @@ class Sweep(_Strict):
     @field_validator("methods", mode="before")
     @classmethod
     def _methods(cls, v: Any) -> Any:
-        v = [v] if isinstance(v, (str, dict)) else v
-        return [{"method": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+        return method_list(v)
 
     @field_validator("embeddings", mode="before")
     @classmethod
     def _embeddings(cls, v: Any) -> Any:
-        v = [v] if v is None or isinstance(v, str) else v
-        return ["all" if e is None else e for e in v] if isinstance(v, list) else v
+        return embedding_list(v)
 
     @field_validator("ratios", "embeddings", "methods")
     @classmethod

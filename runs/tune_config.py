@@ -31,7 +31,7 @@ from pydantic import Field, field_validator, model_validator
 
 from chatvec.core.errors import ConfigError
 from chatvec.merge.methods import METHOD_NAMES
-from chatvec.runs.sweep import EmbeddingChoice, Sweep, _Strict
+from chatvec.runs.sweep import EmbeddingChoice, Sweep, _Strict, embedding_list, method_list
 
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z0-9_.-]+)\s*(>=|<=)\s*(cp|chat|[-+]?[0-9.]+(?:[eE][-+]?[0-9]+)?)\s*$")
 
@@ -94,14 +94,12 @@ class SpaceDef(_Strict):
     @field_validator("methods", mode="before")
     @classmethod
     def _names(cls, v: Any) -> Any:
-        v = [v] if isinstance(v, (str, dict)) else v
-        return [{"method": m} if isinstance(m, str) else m for m in v] if isinstance(v, list) else v
+        return method_list(v)
 
     @field_validator("embeddings", mode="before")
     @classmethod
     def _embeddings(cls, v: Any) -> Any:
-        v = [v] if isinstance(v, str) else v
-        return ["all" if e is None else e for e in v] if isinstance(v, list) else v
+        return embedding_list(v)
 
 
 class ObjectiveDef(_Strict):
