@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(PY) bench/eval.py
 	$(PY) bench/in_engine.py
 	$(PY) bench/swap.py
+	$(PY) bench/engine_start.py
 	$(PY) bench/replicas.py
 	$(PY) bench/tune.py
 

@@ -4,14 +4,18 @@ The phases and what a cell does live in ``eval/`` (``chatvec.eval.pipeline``, ``
 module only schedules: eval actors over models, then judge actors over cells.
 
 Each eval actor holds one engine for one model and runs every cell of that model before it
-takes the next model from the queue, so each model is loaded once per run. Actors request
+takes the next model from the queue, so each model is loaded once per run. With ``replicas``
+above one, up to that many actors load the same model and pull its cells, and chunks of its
+large cells, from one shared queue as they finish (``chatvec.eval.chunks`` plans the chunks and
+writes a chunked cell once, whole). Actors request
 ``gpus_per_engine`` GPUs each (vLLM's tensor-parallel size; none with ``--device cpu``). When
 all models are done the eval actors are released and judge actors (``judge_workers``, one by
 default) load the judge once each and fill in the judged metrics of every cell that waits.
 
 Failures: an exception inside a cell is recorded by the actor (the cell's status says failed,
 with the error) and the actor goes on. An actor that dies fails the cell it was running; the
-cells queued behind it go back to the queue for a fresh actor (which loads that model again).
+units queued behind it go back to the front of the queue for a fresh actor (which loads that
+model again).
 ``workers=0`` runs everything in this process without importing Ray.
 """
 
@@ -26,7 +30,7 @@ from typing import Any
 
 from chatvec.core.errors import ConfigError
 from chatvec.core.storage import Store
-from chatvec.eval.chunks import Chunk, ChunkCollector, ChunkRows, partition, plan_units
+from chatvec.eval.chunks import Chunk, ChunkCollector, ChunkRows, plan_units
 from chatvec.eval.contracts import (
     FAILED,
     GENERATE,
@@ -102,13 +106,26 @@ class JudgeWorker:
         self.runner.close()
 
 
-# -- a pool of actors pulling jobs from a queue ---------------------------------------------------
+# -- a pool of actors pulling work from queues ---------------------------------------------------
+# units submitted to an actor ahead of the one it runs, so it never waits on the driver between two
+UNITS_AHEAD = 1
+
+
+@dataclass
+class Seat:
+    """One engine's place on a job: what the actor prepares (loads) and the queue of units it pulls
+    from. A model's replicas are seats that share one queue, so an engine that finishes early
+    takes more of its model's units."""
+
+    what: Any
+    units: deque
+
+
 @dataclass
 class _Slot:
     actor: Any = None
-    job: tuple | None = None
-    submitted: list[Cell] = field(default_factory=list)
-    finished: set = field(default_factory=set)
+    seat: Seat | None = None
+    pending: list = field(default_factory=list)  # units submitted to the actor, not back yet
 
 
 class _Cells:
@@ -147,9 +164,9 @@ class _Chunks(_Cells):
         return self.collector.fail(unit, error) if isinstance(unit, Chunk) else super().failed(unit, error)
 
 
-def _run_pool(
+def run_pool(
     make_actor: Callable[[int], Any],
-    jobs: list[tuple[Any, list]],
+    seats: list[Seat],
     size: int,
     *,
     stage: str,
@@ -158,67 +175,82 @@ def _run_pool(
     progress: Progress,
     outcomes: _Cells | None = None,
 ) -> tuple[list[CellResult], dict]:
-    """Run ``jobs`` = [(what to prepare, units)] on ``size`` actors; every job's units (cells, or
-    chunks of cells) go to one actor after one ``prepare(what)``. Returns the cell results and
-    each actor's last load counts."""
+    """Run the units of ``seats`` on ``size`` actors. An actor takes a seat, prepares its
+    ``what`` (loads the model) once, and pulls the seat's units (cells, or chunks of cells) one
+    after another, ``UNITS_AHEAD`` submitted ahead; when the seat's queue is empty it takes the
+    next seat that still has work. Returns the cell results and each actor's last load counts."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
     from chatvec.cluster.liveness import wait_one
 
     outcomes = outcomes or _Cells(store, run_id, stage)
-    queue = deque(jobs)
-    slots = [_Slot() for _ in range(min(size, len(jobs)))]
-    inflight: dict[Any, tuple[int, Cell | None]] = {}
+    queue = deque(seats)
+    slots = [_Slot() for _ in range(min(size, len(seats)))]
+    inflight: dict[Any, tuple[int, Cell | Chunk | None]] = {}
     results: list[CellResult] = []
     load_counts: dict[str, dict] = {}
     made = [0]
 
-    def assign(i: int) -> None:
+    def feed(i: int, ahead: int = UNITS_AHEAD) -> None:
         slot = slots[i]
-        slot.job, slot.submitted, slot.finished = None, [], set()
+        while slot.seat is not None and slot.seat.units and len(slot.pending) <= ahead:
+            unit = slot.seat.units.popleft()
+            if outcomes.skip(unit):  # a chunk of a cell that has already failed
+                continue
+            inflight[slot.actor.run.remote(unit)] = (i, unit)
+            slot.pending.append(unit)
+
+    def take_seat(i: int, ahead: int = UNITS_AHEAD) -> None:
+        slot = slots[i]
+        slot.seat, slot.pending = None, []
+        while queue:  # a seat with work left: the other replicas may have taken all of its units
+            units = queue[0].units
+            while units and outcomes.skip(units[0]):
+                units.popleft()
+            if units:
+                break
+            queue.popleft()
         if not queue:
             return
         if slot.actor is None:
             slot.actor = make_actor(made[0])
             made[0] += 1
-        what, cells = queue.popleft()
-        slot.job = (what, cells)
-        inflight[slot.actor.prepare.remote(what)] = (i, None)
-        for cell in cells:
-            inflight[slot.actor.run.remote(cell)] = (i, cell)
-            slot.submitted.append(cell)
+        slot.seat = queue.popleft()
+        inflight[slot.actor.prepare.remote(slot.seat.what)] = (i, None)
+        feed(i, ahead)
 
     def actor_died(i: int, exc: BaseException) -> None:
         slot = slots[i]
-        pending = [c for c in slot.submitted if c not in slot.finished]
-        for ref in [r for r, (j, _c) in inflight.items() if j == i]:
+        for ref in [r for r, (j, _u) in inflight.items() if j == i]:
             del inflight[ref]
         try:
             ray.kill(slot.actor)
         except Exception:  # already gone
             pass
         slot.actor = None
-        if pending:
-            victim = pending[0]
+        if slot.pending:
+            victim, rest = slot.pending[0], slot.pending[1:]
             error = f"the {stage} actor died: {type(exc).__name__}: {exc}"[:2000]
             result = outcomes.failed(victim, error)
             if result is not None:
                 results.append(result)
                 progress.update(result)
-            rest = [u for u in pending[1:] if not outcomes.skip(u)]
-            if rest:
-                queue.appendleft((slot.job[0], rest))
-        assign(i)
+            # the units queued behind it go back to the front of their queue, for a fresh actor
+            slot.seat.units.extendleft(reversed([u for u in rest if not outcomes.skip(u)]))
+            queue.appendleft(slot.seat)
+        take_seat(i)
 
+    for i in range(len(slots)):  # the first (largest) units one to each actor, then the ones ahead
+        take_seat(i, ahead=0)
     for i in range(len(slots)):
-        assign(i)
+        feed(i)
     while inflight:
         ready = wait_one(list(inflight), what=f"{stage} phase")  # raises, not hangs, when the cluster died
         ref = ready[0]
         if ref not in inflight:  # dropped when its actor died
             continue
-        i, cell = inflight.pop(ref)
+        i, unit = inflight.pop(ref)
         slot = slots[i]
         try:
             value = ray.get(ref)
@@ -226,21 +258,22 @@ def _run_pool(
             actor_died(i, exc)
             continue
         except RayTaskError as exc:  # the method raised (the actor lives on): that unit failed
-            if cell is None:
-                continue  # a failed prepare: each of its cells reports the error
-            slot.finished.add(cell)
-            value = outcomes.failed(cell, f"{type(exc).__name__}: {exc}"[:2000])
+            if unit is None:
+                continue  # a failed prepare: each of its units reports the error
+            slot.pending.remove(unit)
+            value = outcomes.failed(unit, f"{type(exc).__name__}: {exc}"[:2000])
         else:
-            if cell is None:
+            if unit is None:
                 load_counts[str(slot.actor)] = value["loads"]
                 continue
-            slot.finished.add(cell)
-            value = outcomes.done(cell, value)
+            slot.pending.remove(unit)
+            value = outcomes.done(unit, value)
         if value is not None:
             results.append(value)
             progress.update(value)
-        if len(slot.finished) == len(slot.submitted):
-            assign(i)
+        feed(i)
+        if not slot.pending:
+            take_seat(i)
     for slot in slots:
         if slot.actor is not None:
             try:
@@ -251,24 +284,24 @@ def _run_pool(
     return results, load_counts
 
 
-def replica_jobs(jobs: Sequence[ModelJob], replicas: int, limit: int | None) -> list[tuple[ModelJob, list]]:
-    """Each model's cells as up to ``replicas`` jobs (each job one engine loading the model): large
-    cells cut into chunks of items, the units shared out by item count."""
+def replica_seats(jobs: Sequence[ModelJob], replicas: int, settings: RunSettings) -> list[Seat]:
+    """Each model's seats: one with all its cells, or (``replicas`` > 1) up to ``replicas`` that
+    share the model's units, large cells cut into chunks of items."""
     if replicas <= 1:
-        return [(job, list(job.cells)) for job in jobs]
+        return [Seat(job, deque(job.cells)) for job in jobs]
     from chatvec.eval.items import load_items
     from chatvec.eval.kinds import kind_class
 
-    out = []
+    seats = []
     for job in jobs:
         counts = {}
         for cell in job.cells:
             if kind_class(cell.spec.kind).uses_items:
                 n = len(load_items(cell.spec, cell.language))
-                counts[cell] = min(n, limit) if limit else n
-        units = plan_units(job.cells, counts, replicas)
-        out += [(job, group) for group in partition(units, counts, replicas)]
-    return out
+                counts[cell] = min(n, settings.limit) if settings.limit else n
+        units = deque(plan_units(job.cells, counts, replicas, align=settings.batch_size))
+        seats += [Seat(job, units) for _ in range(min(replicas, len(units)))]
+    return seats
 
 
 def actor_name(role: str, run_id: str, n: int) -> str:
@@ -325,9 +358,9 @@ class RayExecutor:
         store = Store(run.out_uri)
         if replicas > 1:
             logger.info("up to %d engines per model (%d eval actors, %d models)", replicas, self.workers, len(jobs))
-        got, counts = _run_pool(
+        got, counts = run_pool(
             make,
-            replica_jobs(jobs, replicas, run.settings.limit),
+            replica_seats(jobs, replicas, run.settings),
             self.workers,
             stage=GENERATE,
             store=store,
@@ -350,9 +383,10 @@ class RayExecutor:
 
         judge_cls = ray.remote(JudgeWorker)
         size = max(1, min(self.config.eval.judge_workers, len(cells)))
-        got, counts = _run_pool(
+        queue = deque(cells)  # one queue: each judge actor loads the judge once and pulls cells
+        got, counts = run_pool(
             lambda n: judge_cls.options(name=actor_name("judge", run.run_id, n), **self.options).remote(judge, run),
-            [(None, [c]) for c in cells],
+            [Seat(None, queue) for _ in range(size)],
             size,
             stage=JUDGE,
             store=Store(run.out_uri),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -308,7 +308,7 @@ class RayInEngineExecutor:
     def generate(self, run: RunContext, jobs: Sequence[ModelJob], progress: Progress):
         import ray
 
-        from chatvec.cluster.eval_driver import _run_pool, _sum_loads, actor_name
+        from chatvec.cluster.eval_driver import Seat, _sum_loads, actor_name, run_pool
 
         actor_cls = ray.remote(InEngineWorker)
 
@@ -317,8 +317,8 @@ class RayInEngineExecutor:
                 run, self.points, self.budget
             )
 
-        work = [(t, t.cells) for t in target_jobs(jobs, self.points)]
-        got, counts = _run_pool(
+        work = [Seat(t, deque(t.cells)) for t in target_jobs(jobs, self.points)]
+        got, counts = run_pool(
             make,
             work,
             self.base.workers,

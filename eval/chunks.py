@@ -12,6 +12,7 @@ Ray layer (``chatvec.cluster.eval_driver``) only schedules the units.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 # a chunk smaller than this is not worth a second engine's batch
 MIN_CHUNK_ITEMS = 8
+# each chunk takes this share of a cell's items not yet cut, divided by the replicas: chunks
+# start large and shrink towards the end (guided self-scheduling), and the engines pull them as
+# they finish, so one that runs ahead takes more and none waits long on the last
+GUIDED_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -66,35 +71,44 @@ def cell_of(unit: Unit) -> Cell:
 
 
 def plan_units(
-    cells: Sequence[Cell], item_counts: dict[Cell, int], replicas: int, *, min_chunk: int = MIN_CHUNK_ITEMS
+    cells: Sequence[Cell],
+    item_counts: dict[Cell, int],
+    replicas: int,
+    *,
+    min_chunk: int = MIN_CHUNK_ITEMS,
+    align: int = 1,
 ) -> list[Unit]:
-    """The work units of one model's cells on ``replicas`` engines: a cell whose kind reads items
-    and which has enough of them is cut into up to ``replicas`` chunks of (almost) equal size;
-    any other cell is one unit."""
-    units: list[Unit] = []
+    """The work units of one model's cells on ``replicas`` engines, largest first.
+
+    A cell whose kind reads items and which has enough of them is cut into chunks: each takes
+    ``GUIDED_SHARE / replicas`` of the items not yet cut, rounded up to a multiple of ``align``
+    (an engine's batch) and to at least ``min_chunk`` items, so the last chunks are small and the
+    engines, which pull chunks as they finish, end together. A tail shorter than ``min_chunk``
+    joins the chunk before it. Any other cell is one unit; a cell of unknown size (its kind reads
+    no items) counts as the largest, so it starts first. One engine: the cells as they are."""
+    if replicas <= 1:
+        return list(cells)
+    align = max(1, align)
+    step_min = align * math.ceil(min_chunk / align)
+    units: list[tuple[float, Unit]] = []
     for cell in cells:
-        n = item_counts.get(cell, 0)
-        parts = min(replicas, n // min_chunk) if replicas > 1 else 1
-        if parts <= 1:
-            units.append(cell)
+        if cell not in item_counts:
+            units.append((math.inf, cell))
             continue
-        bounds = [round(i * n / parts) for i in range(parts + 1)]
-        units += [Chunk(cell, i, parts, bounds[i], bounds[i + 1]) for i in range(parts)]
-    return units
-
-
-def partition(units: Sequence[Unit], item_counts: dict[Cell, int], groups: int) -> list[list[Unit]]:
-    """Units into at most ``groups`` lists of about equal items (largest first to the lightest),
-    each list in the original order; empty lists are left out."""
-    size = {id(u): (u.items if isinstance(u, Chunk) else item_counts.get(u, 1)) or 1 for u in units}
-    loads = [0] * max(1, groups)
-    member: dict[int, int] = {}
-    for u in sorted(units, key=lambda u: -size[id(u)]):
-        g = loads.index(min(loads))
-        member[id(u)] = g
-        loads[g] += size[id(u)]
-    out = [[u for u in units if member[id(u)] == g] for g in range(len(loads))]
-    return [group for group in out if group]
+        n = item_counts[cell]
+        bounds = [0]
+        while bounds[-1] < n:
+            left = n - bounds[-1]
+            step = max(step_min, align * math.ceil(left * GUIDED_SHARE / replicas / align))
+            bounds.append(min(n, bounds[-1] + step))
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] < min_chunk:  # a short tail joins the chunk before it
+            del bounds[-2]
+        if len(bounds) <= 2:
+            units.append((n, cell))
+            continue
+        count = len(bounds) - 1
+        units += [(bounds[i + 1] - bounds[i], Chunk(cell, i, count, bounds[i], bounds[i + 1])) for i in range(count)]
+    return [u for _size, u in sorted(units, key=lambda su: -su[0])]
 
 
 class ChunkCollector:

@@ -105,9 +105,15 @@ class HFToxicity:
         identity: str | None = None,
     ) -> None:
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from chatvec.eval.engines.base import import_transformers
         from chatvec.eval.modelcache import local_model_dir
+
+        transformers = import_transformers()
+        AutoModelForSequenceClassification, AutoTokenizer = (
+            transformers.AutoModelForSequenceClassification,
+            transformers.AutoTokenizer,
+        )
 
         path = local_model_dir(uri, cache_dir)
         self.identity = identity or f"{HF_PREFIX}{uri}"

@@ -187,21 +187,6 @@ def has_grid(tune: TuneFile) -> bool:
     return "ratios" in tune.model_fields_set
 
 
-def schedules_supported() -> bool:
-    """Whether recipes take per-layer ratios (a list of control points) yet: asked of the recipe
-    model itself, so per-layer search starts working once recipe schedules land."""
-    from pydantic import ValidationError
-
-    from chatvec.merge.recipe import VectorSpec
-
-    try:
-        VectorSpec(base="b", chat="c", ratio=[0.5, 1.0])
-        VectorSpec(base="b", chat="c", ratio={"default": 1.0, "self_attn": [0.5, 1.0]})
-    except ValidationError:
-        return False
-    return True
-
-
 def raise_problems(path: str, problems: list[str]) -> None:
     if problems:
         raise ConfigError(f"{path}: the search cannot run:\n" + "\n".join(f"  - {p}" for p in problems))

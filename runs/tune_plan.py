@@ -17,7 +17,6 @@ from chatvec.runs.tune_config import (
     TuneFile,
     has_grid,
     raise_problems,
-    schedules_supported,
 )
 from chatvec.runs.tune_space import Space, space_of
 from chatvec.runs.tune_split import Split, make_splits, part_specs
@@ -147,11 +146,6 @@ def check_tune(tune: TuneFile, source: str) -> tuple[TargetDef, list, list, list
         problems.append(
             "the search space is empty: every ratio range is a single value and there is one method and one "
             "embedding policy; give a range [low, high] or several choices"
-        )
-    if (space.layers or space.groups) and not schedules_supported():
-        problems.append(
-            "per-layer ratios need recipe schedules (a vector's `ratio` as control points or module groups), "
-            "which this chatvec's recipes do not take yet; drop search.space.layers and groups"
         )
     sampler = s.sampler or ("nsga2" if len(s.objectives) > 1 else "tpe")
     if sampler == "cmaes":

@@ -277,3 +277,24 @@ def test_a_long_prompt_does_not_shorten_the_others_budgets(engine):
     assert (together[1].text, together[1].completion_tokens) == (alone.text, alone.completion_tokens)
     assert alone.completion_tokens == 40 or alone.finished
     assert together[0].prompt_tokens == 32 and together[0].completion_tokens <= 32
+
+
+def test_an_engine_starts_without_importing_scikit_learn(model_dir):
+    """transformers would import scikit-learn (installed here by lm-eval) for assisted decoding,
+    1 to 2 s at every engine start; the engine loads and generates without it."""
+    pytest.importorskip("sklearn")
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from chatvec.eval.engines import Decoding, GenerationRequest, load_engine\n"
+        f"engine = load_engine('hf', {model_dir!r}, device='cpu', batch_size=2)\n"
+        "ids = engine.tokenizer('hello')['input_ids']\n"
+        "out = engine.generate([GenerationRequest(ids, Decoding(max_new_tokens=3))])\n"
+        "assert out[0].completion_tokens > 0\n"
+        "print('sklearn' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"

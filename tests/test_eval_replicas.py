@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections import Counter, deque
 
 import pytest
 
@@ -14,13 +16,13 @@ torch.set_num_threads(1)
 
 from test_faults_processes import Killer  # noqa: E402
 
-from chatvec.cluster.eval_driver import RayExecutor, replica_jobs, run_eval  # noqa: E402
+from chatvec.cluster.eval_driver import RayExecutor, Seat, replica_seats, run_eval, run_pool  # noqa: E402
 from chatvec.core.config import ChatvecConfig, EvalSettings  # noqa: E402
 from chatvec.core.errors import ConfigError  # noqa: E402
 from chatvec.core.storage import Store  # noqa: E402
 from chatvec.demo.tiny import build_model_dir  # noqa: E402
-from chatvec.eval.chunks import Chunk, partition, plan_units  # noqa: E402
-from chatvec.eval.contracts import Cell, ModelJob  # noqa: E402
+from chatvec.eval.chunks import MIN_CHUNK_ITEMS, Chunk, plan_units  # noqa: E402
+from chatvec.eval.contracts import DONE, GENERATE, Cell, CellResult, ModelJob, Progress, RunSettings  # noqa: E402
 from chatvec.eval.results import read_table  # noqa: E402
 
 CONFIG = ChatvecConfig(eval=EvalSettings(cpus_per_engine=0))
@@ -53,19 +55,33 @@ def rows_of(out) -> dict[str, list[dict]]:
     }
 
 
-def test_units_cover_every_item_once_and_balance():
-    cells = [Cell("m", "en", "big"), Cell("m", "en", "small"), Cell("m", "en", "other")]
-    counts = {cells[0]: 101, cells[1]: 5, cells[2]: 30}
+def spans(units, cell) -> list[tuple[int, int]]:
+    return sorted((u.start, u.stop) for u in units if isinstance(u, Chunk) and u.cell == cell)
+
+
+def test_units_cover_every_item_once_in_chunks_that_shrink_towards_the_end():
+    cells = [Cell("m", "en", "small"), Cell("m", "en", "big"), Cell("m", "en", "other"), Cell("m", "en", "lm")]
+    counts = {cells[0]: 5, cells[1]: 101, cells[2]: 30}  # "lm": a kind that reads no items
     units = plan_units(cells, counts, 3)
-    chunks = [u for u in units if isinstance(u, Chunk)]
-    assert [(c.start, c.stop) for c in chunks if c.cell == cells[0]] == [(0, 34), (34, 67), (67, 101)]
-    assert cells[1] in units  # too few items to be worth a second engine
-    assert sum(c.items for c in chunks if c.cell == cells[2]) == 30
-    groups = partition(units, counts, 3)
-    assert len(groups) == 3 and sorted(map(id, sum(groups, []))) == sorted(map(id, units))
-    loads = [sum(u.items if isinstance(u, Chunk) else counts[u] for u in g) for g in groups]
-    assert max(loads) - min(loads) <= 34
-    assert plan_units(cells, counts, 1) == cells
+    big = spans(units, cells[1])
+    assert big[0] == (0, 17)  # half of the items over the 3 engines, rounded up
+    assert big[-1][1] == 101 and all(a[1] == b[0] for a, b in zip(big, big[1:]))
+    sizes = [stop - start for start, stop in big]
+    assert sizes == sorted(sizes, reverse=True) and min(sizes) == MIN_CHUNK_ITEMS
+    assert spans(units, cells[2]) == [(0, 8), (8, 16), (16, 30)]  # the short tail joined the chunk before
+    assert cells[0] in units  # too few items to be worth a second engine
+    assert units[0] == cells[3]  # unknown size: started first
+    sizes = [u.items if isinstance(u, Chunk) else counts[u] for u in units[1:]]
+    assert sizes == sorted(sizes, reverse=True)  # largest first, over all cells
+    assert plan_units(cells, counts, 1) == cells  # one engine: the cells as they are
+
+
+def test_chunks_are_cut_at_batch_boundaries_and_a_short_tail_joins_the_chunk_before_it():
+    cell = Cell("m", "en", "big")
+    sizes = [c.items for c in plan_units([cell], {cell: 1000}, 2, align=16)]
+    assert sizes == [256, 192, 144, 112, 80, 64, 48, 32, 32, 16, 16, 8]
+    assert spans(plan_units([cell], {cell: 36}, 2, align=16), cell) == [(0, 16), (16, 36)]
+    assert plan_units([cell], {cell: 20}, 2, align=16) == [cell]
 
 
 def test_auto_shares_the_actors_out_over_the_models():
@@ -74,13 +90,17 @@ def test_auto_shares_the_actors_out_over_the_models():
     assert RayExecutor(2, CONFIG, 4).replicas_for(1) == 2  # never more engines than actors
 
 
-def test_replica_jobs_respect_the_item_limit(setup, tmp_path):
+def test_replica_seats_share_one_queue_per_model_and_respect_the_item_limit(setup, tmp_path):
     from chatvec.eval.benchmarks import resolve_benchmarks
 
     spec = resolve_benchmarks(setup["common"]["benchmarks"][:1])[0]
     cell = Cell("m", "en", spec.name, spec)
-    jobs = replica_jobs([ModelJob("m", setup["model"], [cell])], 2, limit=20)
-    assert [[(u.start, u.stop) for u in units] for _job, units in jobs] == [[(0, 10)], [(10, 20)]]
+    settings = RunSettings(engine="hf", batch_size=4, limit=20)
+    seats = replica_seats([ModelJob("m", setup["model"], [cell])], 2, settings)
+    assert len(seats) == 2 and seats[0].units is seats[1].units
+    assert sorted((u.start, u.stop) for u in seats[0].units) == [(0, 8), (8, 20)]
+    alone = replica_seats([ModelJob("m", setup["model"], [cell])], 1, settings)
+    assert len(alone) == 1 and list(alone[0].units) == [cell]
 
 
 def test_replicas_below_one_are_refused_before_anything_runs(setup, tmp_path):
@@ -98,7 +118,7 @@ def test_two_replicas_write_the_rows_one_engine_writes(ray_cluster, setup, tmp_p
     assert rows_of(tmp_path / "two") == rows_of(tmp_path / "one")
     rel = "status/model=m/language=en/benchmark=long.json"
     status, single = (json.loads(Store(str(tmp_path / o)).read_text(rel)) for o in ("two", "one"))
-    assert status["state"] == "done" and status["chunks"] == 2 and status["rows"] == single["rows"]
+    assert status["state"] == "done" and status["chunks"] == 3 and status["rows"] == single["rows"]
     # the same cells, the same identities: a rerun on one engine reuses all of them
     again = run_eval({"m": setup["model"]}, workers=0, out_uri=str(tmp_path / "two"), **setup["common"])
     assert again.counts["generated"] == 0 and again.redone == {}
@@ -122,3 +142,41 @@ def test_a_replica_killed_mid_chunk_fails_its_cell_whole_then_the_rerun_complete
     again = run_eval({"m": setup["model"]}, workers=2, replicas=2, out_uri=str(out), **common)
     assert again.ok
     assert rows_of(out) == rows_of(reference)
+
+
+def test_replicas_pull_from_one_queue_so_the_one_that_runs_ahead_takes_more(ray_cluster, tmp_path):
+    import ray
+
+    class PacedWorker:
+        """A pool member without an engine, for the scheduling alone (defined here so that Ray
+        ships it by value): actor 0 takes 0.5 s a unit, the others 0.02 s; each result's
+        ``rows`` names the actor that ran it."""
+
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def prepare(self, _what) -> dict:
+            return {"pid": os.getpid(), "loads": {}, "error": None}
+
+        def run(self, cell: Cell) -> CellResult:
+            time.sleep(0.5 if self.n == 0 else 0.02)
+            return CellResult.of(cell, DONE, GENERATE, rows=self.n)
+
+        def close(self) -> None:
+            pass
+
+    cells = [Cell("m", "en", f"b{i}") for i in range(40)]
+    queue = deque(cells)
+    worker = ray.remote(num_cpus=0)(PacedWorker)
+    results, _loads = run_pool(
+        lambda n: worker.remote(n),
+        [Seat("m", queue), Seat("m", queue)],
+        2,
+        stage=GENERATE,
+        store=Store(str(tmp_path)),
+        run_id="r",
+        progress=Progress(len(cells), "pool", enabled=False),
+    )
+    assert sorted(r.benchmark for r in results) == sorted(c.benchmark for c in cells)  # each once
+    ran = Counter(r.rows for r in results)
+    assert ran[1] > 2 * ran[0], ran  # a fixed half each would be 20 and 20

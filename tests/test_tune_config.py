@@ -79,15 +79,6 @@ def test_a_split_that_leaves_test_empty(tmp_path):
     fails_before_loading(tmp_path, write(tmp_path, limit=1), "leaves the test items of toy-task in toy-l2 empty")
 
 
-def test_per_layer_ratios_wait_for_recipe_schedules(tmp_path):
-    from chatvec.runs.tune_config import schedules_supported
-
-    path = write(tmp_path, space="{ratios: {toy: [0.5, 2.0]}, layers: {points: 3}}")
-    if schedules_supported():
-        pytest.skip("recipes take schedules: per-layer search runs")
-    fails_before_loading(tmp_path, path, "per-layer ratios need recipe schedules")
-
-
 def test_the_command_prints_the_error_without_a_traceback(tmp_path):
     path = write(tmp_path, metric="bleu")
     proc = subprocess.run(

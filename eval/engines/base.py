@@ -6,8 +6,30 @@ Requests carry token ids, never text: prompts are rendered and tokenized once, i
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+
+
+def import_transformers():
+    """``transformers``, set up not to import scikit-learn.
+
+    transformers' assisted decoding imports scikit-learn's ``roc_curve`` whenever scikit-learn is
+    installed (lm-eval brings it), and its model classes import assisted decoding: 1 to 2 s at
+    every engine start on a small machine. chatvec never decodes with an assistant model, and
+    transformers treats "scikit-learn unavailable" as "no confidence-threshold tuning", so the
+    check is answered False for the modules that have not been imported yet."""
+    import transformers
+
+    if "transformers.generation.candidate_generator" not in sys.modules:
+        import transformers.utils as utils
+
+        utils.is_sklearn_available = _no_sklearn
+    return transformers
+
+
+def _no_sklearn() -> bool:
+    return False
 
 
 @dataclass(frozen=True)

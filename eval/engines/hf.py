@@ -23,6 +23,7 @@ from chatvec.eval.engines.base import (
     LoglikelihoodRequest,
     fit_scoring,
     fit_window,
+    import_transformers,
 )
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,8 @@ class HFEngine(Engine):
     ) -> None:
         super().__init__(model_dir, device=device, dtype=dtype, batch_size=batch_size, gpus=gpus)
         import torch
-        import transformers
 
+        transformers = import_transformers()
         self._torch = torch
         self.device = resolve_device(device)
         config = transformers.AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
@@ -96,8 +97,7 @@ class HFEngine(Engine):
     def use_model_files(self, model_dir: str) -> None:
         """Take the tokenizer, chat template and generation config (stop tokens) from ``model_dir``,
         keeping the loaded weights: a merge swapped in place has the chat model's template and eos."""
-        import transformers
-
+        transformers = import_transformers()
         self._tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
         try:
             gen = transformers.GenerationConfig.from_pretrained(model_dir)
