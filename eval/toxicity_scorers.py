@@ -1,5 +1,10 @@
 """Choosing the toxicity scorer from its spec (``--toxicity``, ``toxicity:`` in a sweep file):
-``perspective`` or ``hf:MODEL[#LABEL]`` (what they are: ``chatvec.eval.toxicity``).
+``NAME`` or ``NAME:ARGUMENT``, the name registered in ``TOXICITY``: ``perspective`` or
+``hf:MODEL[#LABEL]`` (what they are: ``chatvec.eval.toxicity``). An extension registers its own
+the same way, with a class that has the ``identity``/``make`` shape of the two below::
+
+    from chatvec.eval.toxicity_scorers import TOXICITY
+    TOXICITY.register("my-api", "my_package.toxicity:MyAPIScorers")
 
 ``toxicity_identity`` checks a spec and names the scorer before anything loads (an unknown scorer,
 a missing key, a classifier that is not there or has no toxic label fail here, so before any model
@@ -16,6 +21,7 @@ import re
 from typing import Any
 
 from chatvec.core.errors import InputError
+from chatvec.core.registry import Registry
 from chatvec.eval.perspective import PerspectiveScorer
 from chatvec.eval.toxicity import (
     HF_PREFIX,
@@ -28,13 +34,6 @@ from chatvec.eval.toxicity import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def _spec_error(spec: str) -> ToxicityConfigError:
-    return ToxicityConfigError(
-        f"unknown toxicity scorer {spec!r}: use 'perspective' (Google's Perspective API, key in "
-        "PERSPECTIVE_API_KEY) or 'hf:MODEL' (a Hugging Face sequence-classification model)"
-    )
 
 
 def _check_exists(uri: str) -> None:
@@ -87,38 +86,74 @@ def classifier_identity(uri: str) -> str | None:
     return "files:" + hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
-def toxicity_identity(spec: str) -> str:
-    """What toxicity cells record about their scorer, known before anything loads. Checks the
-    spec (an unknown scorer, a missing key, a classifier without a toxic label fail here)."""
-    spec = (spec or "").strip()
-    if spec == PERSPECTIVE:
-        return PerspectiveScorer.from_env().identity
-    if spec.startswith(HF_PREFIX):
+class PerspectiveScorers:
+    """``perspective``: Google's Perspective API; takes no argument."""
+
+    @staticmethod
+    def identity(arg: str | None) -> str:
+        return PerspectiveScorers.make(arg, None).identity
+
+    @staticmethod
+    def make(arg: str | None, settings: Any) -> ToxicityScorer:
+        if arg is not None:
+            raise ToxicityConfigError(f"--toxicity perspective takes no argument (got perspective:{arg})")
+        return PerspectiveScorer.from_env()
+
+
+class HFScorers:
+    """``hf:MODEL[#LABEL]``: a Hugging Face sequence-classification model in the evaluator's process."""
+
+    @staticmethod
+    def identity(arg: str | None) -> str:
         from chatvec.eval.preflight import check_models
 
-        uri, label = parse_hf(spec)
+        uri, label = parse_hf(f"{HF_PREFIX}{arg or ''}")
         _check_exists(uri)
         check_models({"toxicity classifier": uri})
         config = _local_config(uri)
         index = toxic_label(config.get("id2label") or {}, label, uri) if config is not None else label
         return f"{HF_PREFIX}{uri} {classifier_identity(uri)} label={index}"
-    raise _spec_error(spec)
 
-
-def make_toxicity(spec: str, settings: Any) -> ToxicityScorer:
-    """The scorer for ``--toxicity SPEC``, loaded. ``settings``: the run's RunSettings (device,
-    batch size, model cache), not imported here since the pipeline imports this module."""
-    spec = (spec or "").strip()
-    if spec == PERSPECTIVE:
-        return PerspectiveScorer.from_env()
-    if spec.startswith(HF_PREFIX):
-        uri, label = parse_hf(spec)
+    @staticmethod
+    def make(arg: str | None, settings: Any) -> ToxicityScorer:
+        uri, label = parse_hf(f"{HF_PREFIX}{arg or ''}")
         return HFToxicity(
             uri,
             label=label,
             device=settings.device,
             batch_size=settings.batch_size,
             cache_dir=settings.cache_dir,
-            identity=toxicity_identity(spec),
+            identity=HFScorers.identity(arg),
         )
-    raise _spec_error(spec)
+
+
+# toxicity scorers by the name before the first ``:`` of ``--toxicity NAME[:ARGUMENT]``
+TOXICITY: Registry[type] = Registry("toxicity scorer")
+TOXICITY.register(PERSPECTIVE, PerspectiveScorers, summary="Google's Perspective API, key in PERSPECTIVE_API_KEY")
+TOXICITY.register(HF_PREFIX.rstrip(":"), HFScorers, summary="hf:MODEL, a Hugging Face sequence-classification model")
+
+
+def _scorers(spec: str | None) -> tuple[Any, str | None]:
+    """The registered scorer class of a spec, and its argument (None without a ``:``)."""
+    spec = (spec or "").strip()
+    name, sep, arg = spec.partition(":")
+    if not name or name not in TOXICITY:
+        raise ToxicityConfigError(
+            f"unknown toxicity scorer {spec!r}: use "
+            + " or ".join(f"'{n}' ({TOXICITY.summary(n)})" for n in TOXICITY.names())
+        )
+    return TOXICITY[name], (arg if sep else None)
+
+
+def toxicity_identity(spec: str) -> str:
+    """What toxicity cells record about their scorer, known before anything loads. Checks the
+    spec (an unknown scorer, a missing key, a classifier without a toxic label fail here)."""
+    scorers, arg = _scorers(spec)
+    return scorers.identity(arg)
+
+
+def make_toxicity(spec: str, settings: Any) -> ToxicityScorer:
+    """The scorer for ``--toxicity SPEC``, loaded. ``settings``: the run's RunSettings (device,
+    batch size, model cache), not imported here since the pipeline imports this module."""
+    scorers, arg = _scorers(spec)
+    return scorers.make(arg, settings)

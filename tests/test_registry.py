@@ -1,4 +1,5 @@
-"""One way to register a command, an engine, a benchmark kind, a judge backend and a merge method."""
+"""One way to register a command, an engine, a benchmark kind, a judge backend, a toxicity scorer and a
+merge method."""
 
 from __future__ import annotations
 
@@ -41,14 +42,16 @@ def test_every_sort_of_extension_point_is_a_registry():
     from chatvec.eval.engines import ENGINES
     from chatvec.eval.judging import JUDGES, make_judge
     from chatvec.eval.kinds import KINDS, get_kind
+    from chatvec.eval.toxicity_scorers import TOXICITY, make_toxicity, toxicity_identity
     from chatvec.merge.methods import METHODS
 
-    for reg in (COMMANDS, ENGINES, JUDGES, KINDS, METHODS):
+    for reg in (COMMANDS, ENGINES, JUDGES, KINDS, METHODS, TOXICITY):
         assert isinstance(reg, Registry)
     assert {"merge", "eval", "sweep"} <= set(COMMANDS.names())
     assert {"hf", "vllm"} <= set(ENGINES.names())
     assert {"add", "ties", "dare", "dare_ties"} <= set(METHODS.names())
     assert "openai" in JUDGES
+    assert {"perspective", "hf"} <= set(TOXICITY.names())
 
     # a kind registered from outside is found like a shipped one
     from chatvec.eval.kinds.chat import ChatKind
@@ -72,3 +75,19 @@ def test_every_sort_of_extension_point_is_a_registry():
         assert make_judge("echo:m1", settings=None).identity == "echo:m1"
     finally:
         JUDGES._entries.pop("echo")
+
+    # a toxicity scorer registered by name is what --toxicity NAME:ARGUMENT makes
+    class LengthScorers:
+        @staticmethod
+        def identity(arg):
+            return f"length:{arg}"
+
+        @staticmethod
+        def make(arg, settings):
+            return arg
+
+    TOXICITY.register("length", LengthScorers)
+    try:
+        assert toxicity_identity("length:10") == "length:10" and make_toxicity("length:10", None) == "10"
+    finally:
+        TOXICITY._entries.pop("length")
