@@ -357,8 +357,8 @@ class ResidentMerge:
         args = (tau.numpy(), np.float32(factor), drop is not None, np.uint64(key), np.uint64(cutoff))
         if dtype == "BF16" and cp.dtype == torch.bfloat16:
             words = cp.view(torch.int16).numpy().view(np.uint16)
-            if flat.dtype == torch.float32:
-                kernels.add_bf16_widened(words, *args, flat.view(torch.int32).numpy().view(np.uint32))
+            if flat.dtype == torch.float32:  # the sum, rounded to bf16, widened to float32 bits
+                kernels.add_bf16(words, *args, flat.view(torch.int32).numpy().view(np.uint32))
                 return True
             if flat.dtype == torch.bfloat16:
                 kernels.add_bf16(words, *args, flat.view(torch.int16).numpy().view(np.uint16))

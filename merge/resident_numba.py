@@ -65,27 +65,19 @@ def _acc(cp_bits, tau, factor, drop, key, cutoff, acc, acc_bits, t, lo, m):
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
-def add_bf16_widened(cp_bits, tau, factor, drop, key, cutoff, out_bits):
-    """bf16 cp (uint16 words): the sum rounded to bf16, written as float32 bits (uint32)."""
+def add_bf16(cp_bits, tau, factor, drop, key, cutoff, out):
+    """bf16 cp (uint16 words): the sum rounded to bf16, written as bf16 words into a uint16
+    ``out``, or widened to float32 bits into a uint32 ``out`` (numba compiles one of each)."""
     acc, t = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
     acc_bits = acc.view(np.uint32)
     n = tau.shape[0]
     for lo in range(0, n, BLOCK):
         m = min(BLOCK, n - lo)
         _acc(cp_bits, tau, factor, drop, key, cutoff, acc, acc_bits, t, lo, m)
-        _round_widened(acc_bits[:m], out_bits[lo : lo + m])
-
-
-@numba.njit(cache=True, nogil=True, boundscheck=False)
-def add_bf16(cp_bits, tau, factor, drop, key, cutoff, out_words):
-    """bf16 cp (uint16 words): the sum rounded to bf16 words (uint16)."""
-    acc, t = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
-    acc_bits = acc.view(np.uint32)
-    n = tau.shape[0]
-    for lo in range(0, n, BLOCK):
-        m = min(BLOCK, n - lo)
-        _acc(cp_bits, tau, factor, drop, key, cutoff, acc, acc_bits, t, lo, m)
-        _round_words(acc_bits[:m], out_words[lo : lo + m])
+        if out.itemsize == 4:
+            _round_widened(acc_bits[:m], out[lo : lo + m])
+        else:
+            _round_words(acc_bits[:m], out[lo : lo + m])
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
