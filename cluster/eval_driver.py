@@ -21,6 +21,7 @@ model again).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections import Counter, deque
@@ -58,7 +59,6 @@ class EvalWorker:
         self.run_context = run
         self.store = Store(run.out_uri)  # one per actor process
         self.evaluator = None
-        self.loads: Counter = Counter()  # model URI -> engine loads by this actor
 
     def prepare(self, job: ModelJob) -> dict:
         """Load the job's model, dropping the previous one. A load error is kept for its cells to report."""
@@ -73,8 +73,8 @@ class EvalWorker:
             self.evaluator.ensure_loaded()
         except Exception:
             pass  # kept in load_error; each of the model's cells reports it
-        self.loads += self.evaluator.loads
-        return {"pid": os.getpid(), "loads": dict(self.loads), "error": self.evaluator.load_error}
+        # the loads this call made (the pool adds them up per actor)
+        return {"pid": os.getpid(), "loads": dict(self.evaluator.loads), "error": self.evaluator.load_error}
 
     def run(self, unit: Cell | Chunk) -> CellResult | ChunkRows:
         if isinstance(unit, Chunk):
@@ -93,11 +93,12 @@ class JudgeWorker:
         self.runner = JudgeRunner(judge, run=run, store=Store(run.out_uri))
 
     def prepare(self, _job: Any) -> dict:
+        before = Counter(self.runner.loads)
         try:
             self.runner.ensure_loaded()
         except Exception:  # each cell reports it
             pass
-        return {"pid": os.getpid(), "loads": dict(self.runner.loads), "error": self.runner.load_error}
+        return {"pid": os.getpid(), "loads": dict(self.runner.loads - before), "error": self.runner.load_error}
 
     def run(self, cell: Cell) -> CellResult:
         return self.runner.judge_cell(cell)
@@ -174,11 +175,15 @@ def run_pool(
     run_id: str,
     progress: Progress,
     outcomes: _Cells | None = None,
+    keep: list | None = None,
 ) -> tuple[list[CellResult], dict]:
     """Run the units of ``seats`` on ``size`` actors. An actor takes a seat, prepares its
     ``what`` (loads the model) once, and pulls the seat's units (cells, or chunks of cells) one
     after another, ``UNITS_AHEAD`` submitted ahead; when the seat's queue is empty it takes the
-    next seat that still has work. Returns the cell results and each actor's last load counts."""
+    next seat that still has work. Returns the cell results and each actor's engine loads.
+
+    ``keep``: live actors from an earlier call, used before any is made; the pool hands its live
+    actors back in this list instead of closing them (a caller that keeps a judge loaded)."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -213,6 +218,8 @@ def run_pool(
             queue.popleft()
         if not queue:
             return
+        if slot.actor is None and keep:
+            slot.actor = keep.pop()
         if slot.actor is None:
             slot.actor = make_actor(made[0])
             made[0] += 1
@@ -263,8 +270,9 @@ def run_pool(
             slot.pending.remove(unit)
             value = outcomes.failed(unit, f"{type(exc).__name__}: {exc}"[:2000])
         else:
-            if unit is None:
-                load_counts[str(slot.actor)] = value["loads"]
+            if unit is None:  # what this prepare loaded, added to the actor's count
+                key = str(slot.actor)
+                load_counts[key] = dict(Counter(load_counts.get(key, {})) + Counter(value["loads"]))
                 continue
             slot.pending.remove(unit)
             value = outcomes.done(unit, value)
@@ -274,13 +282,16 @@ def run_pool(
         feed(i)
         if not slot.pending:
             take_seat(i)
-    for slot in slots:
-        if slot.actor is not None:
-            try:
-                ray.get(slot.actor.close.remote(), timeout=60)
-            except Exception:
-                pass
-            ray.kill(slot.actor)
+    live = [slot.actor for slot in slots if slot.actor is not None]
+    if keep is not None:
+        keep.extend(live)
+        return results, load_counts
+    for actor in live:
+        try:
+            ray.get(actor.close.remote(), timeout=60)
+        except Exception:
+            pass
+        ray.kill(actor)
     return results, load_counts
 
 
@@ -327,6 +338,7 @@ class RayExecutor:
         self.config = config
         self.replicas = replicas  # engines per model: a number, or "auto" (the free slots)
         self.options: dict = {}
+        self.made = itertools.count()  # actor numbers, unique over this executor's calls
 
     def start(self, settings: RunSettings) -> RunSettings:
         import ray
@@ -351,8 +363,8 @@ class RayExecutor:
 
         actor_cls = ray.remote(EvalWorker)
 
-        def make(n: int):
-            return actor_cls.options(name=actor_name("eval", run.run_id, n), **self.options).remote(run)
+        def make(_n: int):
+            return actor_cls.options(name=actor_name("eval", run.run_id, next(self.made)), **self.options).remote(run)
 
         replicas = self.replicas_for(len(jobs))
         store = Store(run.out_uri)
@@ -377,21 +389,25 @@ class RayExecutor:
         return max(1, min(int(self.replicas), self.workers))
 
     def judge(
-        self, run: RunContext, judge: str, cells: Sequence[Cell], progress: Progress
+        self, run: RunContext, judge: str, cells: Sequence[Cell], progress: Progress, keep: list | None = None
     ) -> tuple[list[CellResult], dict[str, int]]:
+        """``keep``: judge actors to reuse and hand back loaded (see ``run_pool``)."""
         import ray
 
         judge_cls = ray.remote(JudgeWorker)
         size = max(1, min(self.config.eval.judge_workers, len(cells)))
         queue = deque(cells)  # one queue: each judge actor loads the judge once and pulls cells
         got, counts = run_pool(
-            lambda n: judge_cls.options(name=actor_name("judge", run.run_id, n), **self.options).remote(judge, run),
+            lambda _n: judge_cls.options(name=actor_name("judge", run.run_id, next(self.made)), **self.options).remote(
+                judge, run
+            ),
             [Seat(None, queue) for _ in range(size)],
             size,
             stage=JUDGE,
             store=Store(run.out_uri),
             run_id=run.run_id,
             progress=progress,
+            keep=keep,
         )
         return got, _sum_loads(counts)
 

@@ -265,11 +265,12 @@ class InEngineWorker:
         cell then fails with it, as the cells of a model that does not load."""
         self.job, self.current = job, None
         error = None
+        before = Counter(self.holder.loads)
         try:
             self.holder.ensure(job.cp)
         except Exception as exc:
             error = f"{type(exc).__name__}: {exc}"
-        return {"pid": os.getpid(), "loads": dict(self.holder.loads), "error": error}
+        return {"pid": os.getpid(), "loads": dict(self.holder.loads - before), "error": error}
 
     def run(self, cell: Cell) -> CellResult:
         if cell.model != self.current:

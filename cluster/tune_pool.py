@@ -11,7 +11,9 @@ trial's merged tensors after another (``PointEngine``):
   it ran (the search runs that trial again) and is replaced by a fresh one.
 
 Both are ``chatvec.eval.pipeline`` CellExecutors: ``run_pipeline`` plans and records the cells
-as it does for any model, with the trial's merge fingerprint as model identity.
+as it does for any model, with the trial's merge fingerprint as model identity. Both keep a judge
+model loaded from the first judged call to ``close`` (in this process, or on judge actors that
+``run_pool`` hands back), so a search loads its judge once, not once per call.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 
 from chatvec.cluster.in_engine import Point, PointEngine, Timings, _timed_run
@@ -31,16 +33,19 @@ logger = logging.getLogger(__name__)
 
 
 class _Judging:
-    """The judge phase's time, summed."""
+    """The judge phase's time and judge loads, summed."""
 
     judge_seconds: float = 0.0
+    judge_loads: int = 0
 
     def _timed_judge(self, fn, *args):
         start = time.perf_counter()
         try:
-            return fn(*args)
+            results, loads = fn(*args)
         finally:
             self.judge_seconds += time.perf_counter() - start
+        self.judge_loads += sum(loads.values())
+        return results, loads
 
 
 class InProcessTrials(_Judging):
@@ -49,6 +54,7 @@ class InProcessTrials(_Judging):
     def __init__(self, points: dict[str, Point]) -> None:
         self.points = points
         self.holder: PointEngine | None = None
+        self.judge_runner = None  # the judge, kept loaded from the first judged call to ``close``
 
     @property
     def timings(self) -> Timings:
@@ -71,11 +77,25 @@ class InProcessTrials(_Judging):
         return results, {}
 
     def judge(self, run: RunContext, judge: str, cells: Sequence[Cell], progress: Progress):
-        from chatvec.eval.runner import LocalCellExecutor
+        return self._timed_judge(self._judge, run, judge, cells, progress)
 
-        return self._timed_judge(LocalCellExecutor(Store(run.out_uri)).judge, run, judge, cells, progress)
+    def _judge(self, run: RunContext, judge: str, cells: Sequence[Cell], progress: Progress):
+        from chatvec.eval.runner import JudgeRunner
+
+        runner = self.judge_runner
+        if runner is None or runner.spec != judge or runner.settings != run.settings or runner.load_error:
+            if runner is not None:
+                runner.close()
+            runner = self.judge_runner = JudgeRunner(judge, run=run, store=Store(run.out_uri))
+        runner.run, runner.store = run, Store(run.out_uri)  # the call's run, the same judge
+        before = Counter(runner.loads)
+        results = runner.run_all(cells, on_result=progress.update)
+        return results, dict(runner.loads - before)
 
     def close(self) -> None:
+        if self.judge_runner is not None:
+            self.judge_runner.close()
+            self.judge_runner = None
         if self.holder is not None:
             self.holder.close()
 
@@ -107,7 +127,7 @@ class TrialWorker:
 
 class RayTrials(_Judging):
     """Trials on ``workers`` long-lived Ray eval actors (started on the first call, kept until
-    ``close``). Judging is the RayExecutor's."""
+    ``close``). Judging is the RayExecutor's, on judge actors kept loaded between calls."""
 
     def __init__(self, workers: int, config, points: dict[str, Point]) -> None:
         from chatvec.cluster.eval_driver import RayExecutor
@@ -119,6 +139,8 @@ class RayTrials(_Judging):
         self.settings: RunSettings | None = None
         self.timings = Timings()
         self.pids: set[int] = set()
+        self.judges: list = []  # judge actors, kept loaded from the first judged call to ``close``
+        self.judged_by: tuple | None = None  # (judge, settings) the kept judge actors hold
 
     def start(self, settings: RunSettings) -> RunSettings:
         if self.settings is None:
@@ -183,15 +205,23 @@ class RayTrials(_Judging):
         return results, {}
 
     def judge(self, run: RunContext, judge: str, cells: Sequence[Cell], progress: Progress):
-        return self._timed_judge(self.base.judge, run, judge, cells, progress)
+        if self.judged_by != (judge, run.settings):  # another judge: the kept ones go
+            _close_actors(self.judges)
+            self.judged_by = (judge, run.settings)
+        return self._timed_judge(self.base.judge, run, judge, cells, progress, self.judges)
 
     def close(self) -> None:
-        import ray
+        _close_actors(self.actors)
+        _close_actors(self.judges)
 
-        for actor in self.actors:
-            try:
-                ray.get(actor.close.remote(), timeout=60)
-            except Exception:
-                pass
-            ray.kill(actor)
-        self.actors = []
+
+def _close_actors(actors: list) -> None:
+    import ray
+
+    for actor in actors:
+        try:
+            ray.get(actor.close.remote(), timeout=60)
+        except Exception:
+            pass
+        ray.kill(actor)
+    actors.clear()

@@ -315,7 +315,8 @@ def run_info(plan: TunePlan, *, status: str, outcome: TuneOutcome | None = None,
 
 
 def _spent(evaluator: Evaluator) -> dict:
-    return {**evaluator.trials.timings.__dict__, "judge": evaluator.trials.judge_seconds}
+    trials = evaluator.trials
+    return {**trials.timings.__dict__, "judge": trials.judge_seconds, "judge_loads": trials.judge_loads}
 
 
 def _timings(evaluator: Evaluator, before: dict, seconds: float, trials: int) -> dict:
@@ -330,6 +331,7 @@ def _timings(evaluator: Evaluator, before: dict, seconds: float, trials: int) ->
         "swap_s": d["swap"],
         "generate_s": d["cells"],
         "judge_s": d["judge"],
+        "judge_loads": d["judge_loads"],
         "swaps": d["swaps"],
         "swaps_from_memory": d.get("resident", 0),
     }

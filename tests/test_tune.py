@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from chatvec.core.config import ChatvecConfig
@@ -209,3 +210,42 @@ def test_two_objectives_give_a_pareto_front(tmp_path):
     assert (Path(outcome.report_uri).parent / "tune-pareto.png").is_file()
     best = next(f for f in outcome.finalists if f.role == "best")
     assert set(best.test) >= {"exact_match/toy-task/toy-l2", "in_language/toy-task/toy-l2"}
+
+
+def judged_tune(tmp_path: Path, workers: int) -> tuple:
+    """A search with a judged chat benchmark beside the objective's, judged by a judge model (the
+    toy chat model): its outcome, and the judge of each judged dev row of the chat cells."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(
+        "".join(json.dumps({"id": f"c{i}", "question": f"reverse lirab folis {i}"}) + "\n" for i in range(8)),
+        encoding="utf-8",
+    )
+    (tmp_path / "chat.yaml").write_text(
+        f"benchmarks:\n- {{name: toy-chat, kind: chat, data: {{toy-l2: {chat.as_posix()}}}, scripts: {{toy-l2: Cyrillic}}}}\n"
+    )
+    text = TUNE.format(world=TOY.as_posix(), root=(tmp_path / "store").as_posix(), trials=3)
+    text = text.replace("benchmarks: [", f"benchmarks: [{(tmp_path / 'chat.yaml').as_posix()}, ")
+    text = text.replace("engine: hf\n", f"engine: hf\njudge: {(TOY / 'chat').as_posix()}\njudge_max_tokens: 4\n")
+    text = text.replace("{metric: exact_match, direction: maximize}", "{metric: exact_match, benchmark: toy-task}")
+    text = text.replace('["closed >= cp"]', "[{metric: closed, benchmark: toy-task, op: '>=', bound: cp}]")
+    path = tmp_path / "judged.yaml"
+    path.write_text(text.replace("eval: {limit: 16,", "eval: {limit: 8,"))
+    outcome = run_tune(load_tune(str(path)), source=str(path), run_id="j", config=CONFIG, workers=workers, echo=print)
+    samples = tmp_path / "store" / "results" / "run=j" / "samples"
+    judged = [
+        r["judge_model"]
+        for p in samples.rglob("benchmark=toy-chat.dev.parquet")
+        for r in pq.read_table(p, columns=["metric", "judge_model"]).to_pylist()
+        if r["metric"] == "judge_score"
+    ]
+    return outcome, judged
+
+
+def test_a_local_judge_loads_once_for_the_whole_search(tmp_path):
+    """The judge is loaded on the first judged call (the grid's) and kept for every trial after
+    it, not loaded once per trial."""
+    outcome, judged = judged_tune(tmp_path, workers=0)
+    assert [r.state for r in outcome.trials] == ["complete"] * 3
+    assert outcome.timings["judge_s"] > 0  # every trial's chat cells were judged ...
+    assert outcome.timings["judge_loads"] == 0  # ... by the judge the grid loaded before the search
+    assert len(judged) >= 4 * 4 and set(judged) == {(TOY / "chat").as_posix()}  # grid + 3 trials, all judged

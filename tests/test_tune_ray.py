@@ -72,3 +72,13 @@ def test_a_killed_actor_s_trial_runs_again_on_a_fresh_actor(ray_cluster, tmp_pat
     ]
     assert outcome.finalists[0].test  # the winner ran on test, on the actors too
     assert not (tmp_path / "store" / "models").exists()
+
+
+@pytest.mark.slow
+def test_judge_actors_stay_loaded_between_trials(ray_cluster, tmp_path):
+    from test_tune import judged_tune
+
+    outcome, judged = judged_tune(tmp_path, workers=1)
+    assert [r.state for r in outcome.trials] == ["complete"] * 3
+    assert outcome.timings["judge_s"] > 0 and outcome.timings["judge_loads"] == 0  # the grid's judge, kept
+    assert len(judged) >= 4 * 4 and set(judged) == {(TOY / "chat").as_posix()}
