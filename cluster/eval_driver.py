@@ -285,14 +285,22 @@ def run_pool(
     live = [slot.actor for slot in slots if slot.actor is not None]
     if keep is not None:
         keep.extend(live)
-        return results, load_counts
-    for actor in live:
+    else:
+        close_actors(live)
+    return results, load_counts
+
+
+def close_actors(actors: list) -> None:
+    """Let each actor close its engine (a minute at most), kill it, and empty the list."""
+    import ray
+
+    for actor in actors:
         try:
             ray.get(actor.close.remote(), timeout=60)
         except Exception:
             pass
         ray.kill(actor)
-    return results, load_counts
+    actors.clear()
 
 
 def replica_seats(jobs: Sequence[ModelJob], replicas: int, settings: RunSettings) -> list[Seat]:

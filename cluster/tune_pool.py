@@ -205,23 +205,15 @@ class RayTrials(_Judging):
         return results, {}
 
     def judge(self, run: RunContext, judge: str, cells: Sequence[Cell], progress: Progress):
+        from chatvec.cluster.eval_driver import close_actors
+
         if self.judged_by != (judge, run.settings):  # another judge: the kept ones go
-            _close_actors(self.judges)
+            close_actors(self.judges)
             self.judged_by = (judge, run.settings)
         return self._timed_judge(self.base.judge, run, judge, cells, progress, self.judges)
 
     def close(self) -> None:
-        _close_actors(self.actors)
-        _close_actors(self.judges)
+        from chatvec.cluster.eval_driver import close_actors
 
-
-def _close_actors(actors: list) -> None:
-    import ray
-
-    for actor in actors:
-        try:
-            ray.get(actor.close.remote(), timeout=60)
-        except Exception:
-            pass
-        ray.kill(actor)
-    actors.clear()
+        close_actors(self.actors)
+        close_actors(self.judges)
