@@ -87,12 +87,18 @@ class EvalWorker:
 
 
 class JudgeWorker:
+    """Holds one judge (loaded once); judges whole cells of the run it was last prepared for."""
+
     def __init__(self, judge: str, run: RunContext):
         from chatvec.eval.runner import JudgeRunner
 
         self.runner = JudgeRunner(judge, run=run, store=Store(run.out_uri))
 
-    def prepare(self, _job: Any) -> dict:
+    def prepare(self, run: RunContext) -> dict:
+        """Judge for ``run`` (a kept actor serves later calls too), loading the judge the first time."""
+        if run.out_uri != self.runner.run.out_uri:
+            self.runner.store = Store(run.out_uri)
+        self.runner.run = run
         before = Counter(self.runner.loads)
         try:
             self.runner.ensure_loaded()
@@ -409,7 +415,7 @@ class RayExecutor:
             lambda _n: judge_cls.options(name=actor_name("judge", run.run_id, next(self.made)), **self.options).remote(
                 judge, run
             ),
-            [Seat(None, queue) for _ in range(size)],
+            [Seat(run, queue) for _ in range(size)],
             size,
             stage=JUDGE,
             store=Store(run.out_uri),

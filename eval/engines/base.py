@@ -15,8 +15,8 @@ def import_transformers():
     """``transformers``, set up not to import scikit-learn.
 
     transformers' assisted decoding imports scikit-learn's ``roc_curve`` whenever scikit-learn is
-    installed (lm-eval brings it), and its model classes import assisted decoding: 1 to 2 s at
-    every engine start on a small machine. chatvec never decodes with an assistant model, and
+    installed (lm-eval brings it), and its model classes import assisted decoding: 0.6 s of every
+    engine start on a 2-core machine (bench/engine_start.py). chatvec never decodes with an assistant model, and
     transformers treats "scikit-learn unavailable" as "no confidence-threshold tuning", so the
     check is answered False for the modules that have not been imported yet."""
     import transformers
