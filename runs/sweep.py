@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -357,6 +358,35 @@ def check_benchmarks(sweep: Sweep) -> list[str]:
     return problems
 
 
+def grid_points(file, target) -> Iterator[tuple]:
+    """One target's grid, as sweeps and searches name it: (model name, vector name, method, ratio,
+    embedding policy, recipe) for every vector x method x embedding policy x ratio of ``file`` (a
+    sweep or tune file) on ``target``."""
+    from chatvec.merge.recipe import Recipe, VectorSpec
+
+    for vname in target.vectors or list(file.vectors):
+        vec = file.vectors[vname]
+        for method in file.methods:
+            for emb in file.embeddings:
+                for ratio in target.ratios or file.ratios:
+                    spec = VectorSpec(
+                        base=vec.base,
+                        chat=vec.chat,
+                        ratio=ratio,
+                        method=method.method,
+                        density=method.density,
+                        seed=method.seed,
+                    )
+                    recipe = Recipe(
+                        cp=target.cp,
+                        vectors=[spec],
+                        embeddings=None if emb == "all" else emb,
+                        chat_tokens_from_chat=file.chat_tokens_from_chat,
+                        dtype=file.dtype,
+                    )
+                    yield model_name(vname, target.key, method, ratio, emb, file), vname, method, ratio, emb, recipe
+
+
 def plan_sweep(sweep: Sweep, *, root: str, shard_size: int, progress=None) -> SweepPlan:
     """Every merge's recipe and validated plan, and every evaluation group.
 
@@ -366,43 +396,21 @@ def plan_sweep(sweep: Sweep, *, root: str, shard_size: int, progress=None) -> Sw
     from chatvec.core.errors import ChatvecError, PlanError
     from chatvec.merge.output import check_output
     from chatvec.merge.plan import build_plan
-    from chatvec.merge.recipe import Recipe, VectorSpec
 
-    merges: list[PlannedMerge] = []
-    for t in sweep.targets:
-        for vname in t.vectors or list(sweep.vectors):
-            vec = sweep.vectors[vname]
-            for method in sweep.methods:
-                for emb in sweep.embeddings:
-                    for ratio in t.ratios or sweep.ratios:
-                        recipe = Recipe(
-                            cp=t.cp,
-                            vectors=[
-                                VectorSpec(
-                                    base=vec.base,
-                                    chat=vec.chat,
-                                    ratio=ratio,
-                                    method=method.method,
-                                    density=method.density,
-                                    seed=method.seed,
-                                )
-                            ],
-                            embeddings=None if emb == "all" else emb,
-                            chat_tokens_from_chat=sweep.chat_tokens_from_chat,
-                            dtype=sweep.dtype,
-                        )
-                        merges.append(
-                            PlannedMerge(
-                                name=model_name(vname, t.key, method, ratio, emb, sweep),
-                                target=t.key,
-                                language=t.language,
-                                vector=vname,
-                                ratio=ratio,
-                                method=method.label(),
-                                embeddings=emb,
-                                recipe=recipe,
-                            )
-                        )
+    merges = [
+        PlannedMerge(
+            name=name,
+            target=t.key,
+            language=t.language,
+            vector=vname,
+            ratio=ratio,
+            method=method.label(),
+            embeddings=emb,
+            recipe=recipe,
+        )
+        for t in sweep.targets
+        for name, vname, method, ratio, emb, recipe in grid_points(sweep, t)
+    ]
     problems = check_benchmarks(sweep)
     hints: list[str] = []
     first: dict[str, PlannedMerge] = {}  # plan fingerprint -> the first merge planned with it

@@ -10,7 +10,7 @@ from typing import Any
 
 from chatvec.core.errors import ChatvecError
 from chatvec.core.storage import Store, join
-from chatvec.runs.sweep import TargetDef, model_name
+from chatvec.runs.sweep import TargetDef, grid_points
 from chatvec.runs.tune_config import (
     ConstraintDef,
     ObjectiveDef,
@@ -160,31 +160,7 @@ def check_tune(tune: TuneFile, source: str) -> tuple[TargetDef, list, list, list
 
 
 def _grid(tune: TuneFile, target: TargetDef) -> dict[str, Any]:
-    from chatvec.merge.recipe import Recipe, VectorSpec
-
-    out = {}
-    for vname in target.vectors or list(tune.vectors):
-        vec = tune.vectors[vname]
-        for method in tune.methods:
-            for emb in tune.embeddings:
-                for ratio in target.ratios or tune.ratios:
-                    spec = VectorSpec(
-                        base=vec.base,
-                        chat=vec.chat,
-                        ratio=ratio,
-                        method=method.method,
-                        density=method.density,
-                        seed=method.seed,
-                    )
-                    name = model_name(vname, target.key, method, ratio, emb, tune)
-                    out[name] = Recipe(
-                        cp=target.cp,
-                        vectors=[spec],
-                        embeddings=None if emb == "all" else emb,
-                        chat_tokens_from_chat=tune.chat_tokens_from_chat,
-                        dtype=tune.dtype,
-                    )
-    return out
+    return {name: recipe for name, *_point, recipe in grid_points(tune, target)}
 
 
 def plan_tune(tune: TuneFile, *, source: str, run_id: str, root: str) -> TunePlan:
