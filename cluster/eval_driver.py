@@ -96,9 +96,7 @@ class JudgeWorker:
 
     def prepare(self, run: RunContext) -> dict:
         """Judge for ``run`` (a kept actor serves later calls too), loading the judge the first time."""
-        if run.out_uri != self.runner.run.out_uri:
-            self.runner.store = Store(run.out_uri)
-        self.runner.run = run
+        self.runner.use_run(run)
         before = Counter(self.runner.loads)
         try:
             self.runner.ensure_loaded()
@@ -311,19 +309,13 @@ def close_actors(actors: list) -> None:
 
 def replica_seats(jobs: Sequence[ModelJob], replicas: int, settings: RunSettings) -> list[Seat]:
     """Each model's seats: one with all its cells, or (``replicas`` > 1) up to ``replicas`` that
-    share the model's units, large cells cut into chunks of items."""
+    share the model's units, large cells cut into chunks of items (counted when the run was
+    planned; a kind that reads no items counts none and is never cut)."""
     if replicas <= 1:
         return [Seat(job, deque(job.cells)) for job in jobs]
-    from chatvec.eval.items import load_items
-    from chatvec.eval.kinds import kind_class
-
     seats = []
     for job in jobs:
-        counts = {}
-        for cell in job.cells:
-            if kind_class(cell.spec.kind).uses_items:
-                n = len(load_items(cell.spec, cell.language))
-                counts[cell] = min(n, settings.limit) if settings.limit else n
+        counts = {c: n for c, n in job.item_counts.items() if n}
         units = deque(plan_units(job.cells, counts, replicas, align=settings.batch_size))
         seats += [Seat(job, units) for _ in range(min(replicas, len(units)))]
     return seats

@@ -87,7 +87,7 @@ class InProcessTrials(_Judging):
             if runner is not None:
                 runner.close()
             runner = self.judge_runner = JudgeRunner(judge, run=run, store=Store(run.out_uri))
-        runner.run, runner.store = run, Store(run.out_uri)  # the call's run, the same judge
+        runner.use_run(run)
         before = Counter(runner.loads)
         results = runner.run_all(cells, on_result=progress.update)
         return results, dict(runner.loads - before)

@@ -85,6 +85,7 @@ class ModelJob:
     uri: str
     cells: list[Cell]
     identity: str | None = None  # chatvec.eval.identity.model_identity, or a merge fingerprint for swapped weights
+    item_counts: dict[Cell, int] = field(default_factory=dict)  # items each cell runs (planning read them)
 
 
 @dataclass

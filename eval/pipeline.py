@@ -259,7 +259,11 @@ def run_pipeline(
     todo_set = set(todo)
     results = [CellResult.of(c, SKIPPED, GENERATE) for c in cells if c not in todo_set]
     loads: dict[str, int] = {}
-    jobs = [ModelJob(m, uri, [c for c in todo if c.model == m], ids[m]) for m, uri in models.items()]
+    counts = {c: len(items[(c.benchmark, c.language)][: settings.limit or None]) for c in todo}
+    jobs = [
+        ModelJob(m, uri, [c for c in todo if c.model == m], ids[m], {c: n for c, n in counts.items() if c.model == m})
+        for m, uri in models.items()
+    ]
     jobs = [j for j in jobs if j.cells]
     if jobs:
         progress = Progress(len(todo), "eval", show_progress)

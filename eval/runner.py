@@ -123,6 +123,7 @@ class ModelEvaluator(_LoadedOnce):
         self.loads: Counter = Counter()
         self._scorers: dict[tuple, object] = {}
         self._toxicity = None  # the run's toxicity scorer, loaded for the first cell that needs it
+        self._chunked: dict[Cell, tuple[list[dict], CellIdentity]] = {}  # items read once per chunked cell
 
     # -- the engine -------------------------------------------------------------------------------
     def _load_engine(self) -> Engine:
@@ -243,19 +244,24 @@ class ModelEvaluator(_LoadedOnce):
 
         spec: BenchmarkSpec = cell.spec
         kind = get_kind(spec.kind)
-        items = load_items(spec, cell.language)
-        if self.settings.limit:
-            items = items[: self.settings.limit]
-        if self.identity is None:
-            self.identity = model_identity(self.uri)
-        identity = cell_identity(
-            model=self.identity,
-            spec=spec,
-            language=cell.language,
-            items=items,
-            settings=self.settings,
-            toxicity=self.run.toxicity_identity,
-        )
+        if cell in self._chunked:  # another chunk of a cell this engine has run a chunk of
+            items, identity = self._chunked[cell]
+        else:
+            items = load_items(spec, cell.language)
+            if self.settings.limit:
+                items = items[: self.settings.limit]
+            if self.identity is None:
+                self.identity = model_identity(self.uri)
+            identity = cell_identity(
+                model=self.identity,
+                spec=spec,
+                language=cell.language,
+                items=items,
+                settings=self.settings,
+                toxicity=self.run.toxicity_identity,
+            )
+            if span is not None:
+                self._chunked[cell] = (items, identity)
         if span is not None:  # a chunk: the identity above is the whole cell's
             items = items[span[0] : span[1]]
         ctx = CellContext(
@@ -332,6 +338,13 @@ class JudgeRunner(_LoadedOnce):
 
     def _what(self) -> str:
         return f"judge {self.spec}"
+
+    def use_run(self, run: RunContext) -> None:
+        """Judge the cells of ``run`` from now on, keeping the judge loaded (a caller that keeps one
+        judge for several calls: a search, or a kept judge actor)."""
+        if run.out_uri != self.run.out_uri:
+            self.store = Store(run.out_uri)
+        self.run = run
 
     def _one(self, cell: Cell) -> CellResult:
         return self.judge_cell(cell)

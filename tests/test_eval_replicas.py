@@ -90,17 +90,15 @@ def test_auto_shares_the_actors_out_over_the_models():
     assert RayExecutor(2, CONFIG, 4).replicas_for(1) == 2  # never more engines than actors
 
 
-def test_replica_seats_share_one_queue_per_model_and_respect_the_item_limit(setup, tmp_path):
-    from chatvec.eval.benchmarks import resolve_benchmarks
-
-    spec = resolve_benchmarks(setup["common"]["benchmarks"][:1])[0]
-    cell = Cell("m", "en", spec.name, spec)
-    settings = RunSettings(engine="hf", batch_size=4, limit=20)
-    seats = replica_seats([ModelJob("m", setup["model"], [cell])], 2, settings)
+def test_replica_seats_share_one_queue_per_model_cut_from_the_planned_item_counts(setup, tmp_path):
+    cell, lm = Cell("m", "en", "long"), Cell("m", "en", "lm")  # "lm": a kind that reads no items
+    job = ModelJob("m", setup["model"], [cell, lm], item_counts={cell: 20, lm: 0})
+    seats = replica_seats([job], 2, RunSettings(engine="hf", batch_size=4))
     assert len(seats) == 2 and seats[0].units is seats[1].units
-    assert sorted((u.start, u.stop) for u in seats[0].units) == [(0, 8), (8, 20)]
-    alone = replica_seats([ModelJob("m", setup["model"], [cell])], 1, settings)
-    assert len(alone) == 1 and list(alone[0].units) == [cell]
+    assert list(seats[0].units)[0] == lm  # unknown size: started first, never cut
+    assert sorted((u.start, u.stop) for u in seats[0].units if isinstance(u, Chunk)) == [(0, 8), (8, 20)]
+    alone = replica_seats([job], 1, RunSettings(engine="hf"))
+    assert len(alone) == 1 and list(alone[0].units) == [cell, lm]
 
 
 def test_replicas_below_one_are_refused_before_anything_runs(setup, tmp_path):
@@ -122,6 +120,13 @@ def test_two_replicas_write_the_rows_one_engine_writes(ray_cluster, setup, tmp_p
     # the same cells, the same identities: a rerun on one engine reuses all of them
     again = run_eval({"m": setup["model"]}, workers=0, out_uri=str(tmp_path / "two"), **setup["common"])
     assert again.counts["generated"] == 0 and again.redone == {}
+    # the item limit is applied before the cell is cut: 24 of the 40 items, in chunks of 16 and 8
+    limited = run_eval(
+        {"m": setup["model"]}, workers=2, replicas=2, limit=24, out_uri=str(tmp_path / "lim"), **setup["common"]
+    )
+    status = json.loads(Store(str(tmp_path / "lim")).read_text(rel))
+    items = {r["item_id"] for r in rows_of(tmp_path / "lim")["samples/model=m/language=en/benchmark=long.parquet"]}
+    assert limited.ok and items == {f"q{i}" for i in range(24)} and status["chunks"] == 2
 
 
 @pytest.mark.slow
