@@ -252,40 +252,49 @@ def run_pool(
             queue.appendleft(slot.seat)
         take_seat(i)
 
-    for i in range(len(slots)):  # the first (largest) units one to each actor, then the ones ahead
-        take_seat(i, ahead=0)
-    for i in range(len(slots)):
-        feed(i)
-    while inflight:
-        ready = wait_one(list(inflight), what=f"{stage} phase")  # raises, not hangs, when the cluster died
-        ref = ready[0]
-        if ref not in inflight:  # dropped when its actor died
-            continue
-        i, unit = inflight.pop(ref)
-        slot = slots[i]
-        try:
-            value = ray.get(ref)
-        except RayActorError as exc:
-            actor_died(i, exc)
-            continue
-        except RayTaskError as exc:  # the method raised (the actor lives on): that unit failed
-            if unit is None:
-                continue  # a failed prepare: each of its units reports the error
-            slot.pending.remove(unit)
-            value = outcomes.failed(unit, f"{type(exc).__name__}: {exc}"[:2000])
-        else:
-            if unit is None:  # what this prepare loaded, added to the actor's count
-                key = str(slot.actor)
-                load_counts[key] = dict(Counter(load_counts.get(key, {})) + Counter(value["loads"]))
+    try:
+        for i in range(len(slots)):  # the first (largest) units one to each actor, then the ones ahead
+            take_seat(i, ahead=0)
+        for i in range(len(slots)):
+            feed(i)
+        while inflight:
+            ready = wait_one(list(inflight), what=f"{stage} phase")  # raises, not hangs, when the cluster died
+            ref = ready[0]
+            if ref not in inflight:  # dropped when its actor died
                 continue
-            slot.pending.remove(unit)
-            value = outcomes.done(unit, value)
-        if value is not None:
-            results.append(value)
-            progress.update(value)
-        feed(i)
-        if not slot.pending:
-            take_seat(i)
+            i, unit = inflight.pop(ref)
+            slot = slots[i]
+            try:
+                value = ray.get(ref)
+            except RayActorError as exc:
+                actor_died(i, exc)
+                continue
+            except RayTaskError as exc:  # the method raised (the actor lives on): that unit failed
+                if unit is None:
+                    continue  # a failed prepare: each of its units reports the error
+                slot.pending.remove(unit)
+                value = outcomes.failed(unit, f"{type(exc).__name__}: {exc}"[:2000])
+            else:
+                if unit is None:  # what this prepare loaded, added to the actor's count
+                    key = str(slot.actor)
+                    load_counts[key] = dict(Counter(load_counts.get(key, {})) + Counter(value["loads"]))
+                    continue
+                slot.pending.remove(unit)
+                value = outcomes.done(unit, value)
+            if value is not None:
+                results.append(value)
+                progress.update(value)
+            feed(i)
+            if not slot.pending:
+                take_seat(i)
+    except BaseException:  # interrupted, or the cluster is gone: no actor outlives the call
+        for slot in slots:
+            if slot.actor is not None:
+                try:
+                    ray.kill(slot.actor)
+                except Exception:  # already gone
+                    pass
+        raise
     live = [slot.actor for slot in slots if slot.actor is not None]
     if keep is not None:
         keep.extend(live)

@@ -185,3 +185,50 @@ def test_replicas_pull_from_one_queue_so_the_one_that_runs_ahead_takes_more(ray_
     assert sorted(r.benchmark for r in results) == sorted(c.benchmark for c in cells)  # each once
     ran = Counter(r.rows for r in results)
     assert ran[1] > 2 * ran[0], ran  # a fixed half each would be 20 and 20
+
+
+def test_an_interrupted_pool_leaves_no_actor_behind(ray_cluster, tmp_path):
+    """Ctrl-C (or a lost cluster) under run_pool: the exception goes up and every actor the pool
+    made is killed, not left holding an engine for the life of the driver."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    class Worker:
+        def prepare(self, _what) -> dict:
+            return {"pid": os.getpid(), "loads": {}, "error": None}
+
+        def run(self, cell: Cell) -> CellResult:
+            time.sleep(0.05)
+            return CellResult.of(cell, DONE, GENERATE)
+
+        def ping(self) -> int:
+            return os.getpid()
+
+        def close(self) -> None:
+            pass
+
+    class Interrupting(Progress):
+        def update(self, result) -> None:
+            raise KeyboardInterrupt
+
+    made = []
+
+    def make(_n: int):
+        made.append(ray.remote(num_cpus=0)(Worker).remote())
+        return made[-1]
+
+    queue = deque(Cell("m", "en", f"b{i}") for i in range(10))
+    with pytest.raises(KeyboardInterrupt):
+        run_pool(
+            make,
+            [Seat("m", queue), Seat("m", queue)],
+            2,
+            stage=GENERATE,
+            store=Store(str(tmp_path)),
+            run_id="r",
+            progress=Interrupting(10, "pool", enabled=False),
+        )
+    assert len(made) == 2
+    for actor in made:
+        with pytest.raises(RayActorError):
+            ray.get(actor.ping.remote(), timeout=30)

@@ -70,11 +70,14 @@ def reference(models, tmp_path_factory):
     return got
 
 
-def our_processes(title: str) -> list[psutil.Process]:
-    """Ray workers of this test session's cluster (descendants of this process) named ``title``."""
+def our_processes(title: str, besides: frozenset[int] = frozenset()) -> list[psutil.Process]:
+    """Ray workers of this test session's cluster (descendants of this process) named ``title``,
+    other than the pids in ``besides``."""
     found = []
     for proc in psutil.Process().children(recursive=True):
         try:
+            if proc.pid in besides:
+                continue
             if any(part.startswith(f"ray::{title}") for part in proc.cmdline()[:1]):
                 found.append(proc)
         except psutil.Error:
@@ -84,10 +87,13 @@ def our_processes(title: str) -> list[psutil.Process]:
 
 class Killer:
     """SIGKILLs this session's Ray workers titled ``title`` (e.g. ``EvalWorker.run``: an eval actor
-    inside a cell) the first time one shows up, until stopped."""
+    inside a cell) the first time one shows up, until stopped. Workers already there when it starts
+    are left alone: an actor an earlier run closed may still be on its way out, and killing it
+    would prove nothing about the run under test."""
 
     def __init__(self, title: str) -> None:
         self.title = title
+        self.before = frozenset(p.pid for p in our_processes(title))
         self.killed: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -95,7 +101,7 @@ class Killer:
 
     def _run(self) -> None:
         while not self._stop.is_set() and not self.killed:
-            for proc in our_processes(self.title):
+            for proc in our_processes(self.title, self.before):
                 try:
                     proc.send_signal(signal.SIGKILL)
                     self.killed.append(proc.pid)
@@ -168,12 +174,13 @@ def test_driver_killed_during_judging_then_rerun(ray_cluster, models, reference,
     config.write_text(CONFIG_YAML)
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     out = tmp_path / "out"
+    before = frozenset(p.pid for p in our_processes("JudgeWorker"))  # judges of earlier runs on their way out
     driver = subprocess.Popen(
         _eval_cmd(models, out, config), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
     try:
         deadline = time.monotonic() + 240
-        while driver.poll() is None and not our_processes("JudgeWorker") and time.monotonic() < deadline:
+        while driver.poll() is None and not our_processes("JudgeWorker", before) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert driver.poll() is None, "the run ended before judging: " + driver.communicate()[0].decode()
         driver.send_signal(signal.SIGKILL)
