@@ -131,6 +131,7 @@ class _Slot:
     actor: Any = None
     seat: Seat | None = None
     pending: list = field(default_factory=list)  # units submitted to the actor, not back yet
+    stale: bool = False  # a kept actor from an earlier call that has not answered this call yet
 
 
 class _Cells:
@@ -187,7 +188,8 @@ def run_pool(
     next seat that still has work. Returns the cell results and each actor's engine loads.
 
     ``keep``: live actors from an earlier call, used before any is made; the pool hands its live
-    actors back in this list instead of closing them (a caller that keeps a judge loaded)."""
+    actors back in this list instead of closing them (a caller that keeps a judge loaded). A kept
+    actor found dead before it answers this call fails nothing: its units go to a fresh actor."""
     import ray
     from ray.exceptions import RayActorError, RayTaskError
 
@@ -223,7 +225,7 @@ def run_pool(
         if not queue:
             return
         if slot.actor is None and keep:
-            slot.actor = keep.pop()
+            slot.actor, slot.stale = keep.pop(), True
         if slot.actor is None:
             slot.actor = make_actor(made[0])
             made[0] += 1
@@ -240,7 +242,11 @@ def run_pool(
         except Exception:  # already gone
             pass
         slot.actor = None
-        if slot.pending:
+        if slot.stale:  # a kept actor that died between calls: its units never ran, none fails
+            logger.warning("a kept %s actor was found dead; a fresh one takes its work", stage)
+            slot.seat.units.extendleft(reversed([u for u in slot.pending if not outcomes.skip(u)]))
+            queue.appendleft(slot.seat)
+        elif slot.pending:
             victim, rest = slot.pending[0], slot.pending[1:]
             error = f"the {stage} actor died: {type(exc).__name__}: {exc}"[:2000]
             result = outcomes.failed(victim, error)
@@ -250,6 +256,7 @@ def run_pool(
             # the units queued behind it go back to the front of their queue, for a fresh actor
             slot.seat.units.extendleft(reversed([u for u in rest if not outcomes.skip(u)]))
             queue.appendleft(slot.seat)
+        slot.stale = False
         take_seat(i)
 
     try:
@@ -270,11 +277,13 @@ def run_pool(
                 actor_died(i, exc)
                 continue
             except RayTaskError as exc:  # the method raised (the actor lives on): that unit failed
+                slot.stale = False
                 if unit is None:
                     continue  # a failed prepare: each of its units reports the error
                 slot.pending.remove(unit)
                 value = outcomes.failed(unit, f"{type(exc).__name__}: {exc}"[:2000])
             else:
+                slot.stale = False
                 if unit is None:  # what this prepare loaded, added to the actor's count
                     key = str(slot.actor)
                     load_counts[key] = dict(Counter(load_counts.get(key, {})) + Counter(value["loads"]))

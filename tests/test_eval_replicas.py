@@ -232,3 +232,61 @@ def test_an_interrupted_pool_leaves_no_actor_behind(ray_cluster, tmp_path):
     for actor in made:
         with pytest.raises(RayActorError):
             ray.get(actor.ping.remote(), timeout=30)
+
+
+def test_a_kept_actor_found_dead_fails_nothing(ray_cluster, tmp_path):
+    """Actors kept between calls (a tune search's judges): one that died in between is replaced,
+    and its units run on the fresh one without a failure."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    class Worker:
+        def prepare(self, _what) -> dict:
+            return {"pid": os.getpid(), "loads": {"judge": 1}, "error": None}
+
+        def run(self, cell: Cell) -> CellResult:
+            return CellResult.of(cell, DONE, GENERATE)
+
+        def close(self) -> None:
+            pass
+
+    made = []
+
+    def make(_n: int):
+        made.append(ray.remote(num_cpus=0)(Worker).remote())
+        return made[-1]
+
+    def call(keep: list) -> list[CellResult]:
+        queue = deque(Cell("m", "en", f"b{i}") for i in range(6))
+        results, _loads = run_pool(
+            make,
+            [Seat("m", queue), Seat("m", queue)],
+            2,
+            stage=GENERATE,
+            store=Store(str(tmp_path)),
+            run_id="r",
+            progress=Progress(6, "pool", enabled=False),
+            keep=keep,
+        )
+        return results
+
+    keep: list = []
+    first = call(keep)
+    assert len(first) == 6 and all(r.state == DONE for r in first) and len(keep) == 2 and len(made) == 2
+    dead = keep[-1]  # the one the next call takes first
+    ray.kill(dead)  # asynchronous: wait until the actor no longer answers
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.get(dead.close.remote(), timeout=30)
+        except RayActorError:
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the killed actor still answers")
+    second = call(keep)
+    assert len(second) == 6 and all(r.state == DONE for r in second), [r.error for r in second]
+    assert len(made) == 3 and len(keep) == 2  # one fresh actor took the dead one's place
+    from chatvec.cluster.eval_driver import close_actors
+
+    close_actors(keep)
