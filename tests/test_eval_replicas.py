@@ -187,18 +187,16 @@ def test_replicas_pull_from_one_queue_so_the_one_that_runs_ahead_takes_more(ray_
     assert ran[1] > 2 * ran[0], ran  # a fixed half each would be 20 and 20
 
 
-def test_an_interrupted_pool_leaves_no_actor_behind(ray_cluster, tmp_path):
-    """Ctrl-C (or a lost cluster) under run_pool: the exception goes up and every actor the pool
-    made is killed, not left holding an engine for the life of the driver."""
+def plain_workers():
+    """Pool members without an engine (the class is made inside a function so that Ray ships it by
+    value), and the list of the actors made so far; returns (make_actor, made)."""
     import ray
-    from ray.exceptions import RayActorError
 
     class Worker:
         def prepare(self, _what) -> dict:
             return {"pid": os.getpid(), "loads": {}, "error": None}
 
         def run(self, cell: Cell) -> CellResult:
-            time.sleep(0.05)
             return CellResult.of(cell, DONE, GENERATE)
 
         def ping(self) -> int:
@@ -207,27 +205,44 @@ def test_an_interrupted_pool_leaves_no_actor_behind(ray_cluster, tmp_path):
         def close(self) -> None:
             pass
 
-    class Interrupting(Progress):
-        def update(self, result) -> None:
-            raise KeyboardInterrupt
-
-    made = []
+    made: list = []
 
     def make(_n: int):
         made.append(ray.remote(num_cpus=0)(Worker).remote())
         return made[-1]
 
-    queue = deque(Cell("m", "en", f"b{i}") for i in range(10))
+    return make, made
+
+
+def two_seats(make, cells: int, tmp_path, progress: Progress, keep: list | None = None) -> list[CellResult]:
+    """``cells`` cells of one model on two actors pulling from one queue."""
+    queue = deque(Cell("m", "en", f"b{i}") for i in range(cells))
+    results, _loads = run_pool(
+        make,
+        [Seat("m", queue), Seat("m", queue)],
+        2,
+        stage=GENERATE,
+        store=Store(str(tmp_path)),
+        run_id="r",
+        progress=progress,
+        keep=keep,
+    )
+    return results
+
+
+def test_an_interrupted_pool_leaves_no_actor_behind(ray_cluster, tmp_path):
+    """Ctrl-C (or a lost cluster) under run_pool: the exception goes up and every actor the pool
+    made is killed, not left holding an engine for the life of the driver."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    class Interrupting(Progress):
+        def update(self, result) -> None:
+            raise KeyboardInterrupt
+
+    make, made = plain_workers()
     with pytest.raises(KeyboardInterrupt):
-        run_pool(
-            make,
-            [Seat("m", queue), Seat("m", queue)],
-            2,
-            stage=GENERATE,
-            store=Store(str(tmp_path)),
-            run_id="r",
-            progress=Interrupting(10, "pool", enabled=False),
-        )
+        two_seats(make, 10, tmp_path, Interrupting(10, "pool", enabled=False))
     assert len(made) == 2
     for actor in made:
         with pytest.raises(RayActorError):
@@ -240,53 +255,24 @@ def test_a_kept_actor_found_dead_fails_nothing(ray_cluster, tmp_path):
     import ray
     from ray.exceptions import RayActorError
 
-    class Worker:
-        def prepare(self, _what) -> dict:
-            return {"pid": os.getpid(), "loads": {"judge": 1}, "error": None}
+    from chatvec.cluster.eval_driver import close_actors
 
-        def run(self, cell: Cell) -> CellResult:
-            return CellResult.of(cell, DONE, GENERATE)
-
-        def close(self) -> None:
-            pass
-
-    made = []
-
-    def make(_n: int):
-        made.append(ray.remote(num_cpus=0)(Worker).remote())
-        return made[-1]
-
-    def call(keep: list) -> list[CellResult]:
-        queue = deque(Cell("m", "en", f"b{i}") for i in range(6))
-        results, _loads = run_pool(
-            make,
-            [Seat("m", queue), Seat("m", queue)],
-            2,
-            stage=GENERATE,
-            store=Store(str(tmp_path)),
-            run_id="r",
-            progress=Progress(6, "pool", enabled=False),
-            keep=keep,
-        )
-        return results
-
+    make, made = plain_workers()
     keep: list = []
-    first = call(keep)
+    first = two_seats(make, 6, tmp_path, Progress(6, "pool", enabled=False), keep)
     assert len(first) == 6 and all(r.state == DONE for r in first) and len(keep) == 2 and len(made) == 2
     dead = keep[-1]  # the one the next call takes first
     ray.kill(dead)  # asynchronous: wait until the actor no longer answers
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            ray.get(dead.close.remote(), timeout=30)
+            ray.get(dead.ping.remote(), timeout=30)
         except RayActorError:
             break
         time.sleep(0.05)
     else:
         pytest.fail("the killed actor still answers")
-    second = call(keep)
+    second = two_seats(make, 6, tmp_path, Progress(6, "pool", enabled=False), keep)
     assert len(second) == 6 and all(r.state == DONE for r in second), [r.error for r in second]
     assert len(made) == 3 and len(keep) == 2  # one fresh actor took the dead one's place
-    from chatvec.cluster.eval_driver import close_actors
-
     close_actors(keep)

@@ -16,9 +16,10 @@ def import_transformers():
 
     transformers' assisted decoding imports scikit-learn's ``roc_curve`` whenever scikit-learn is
     installed (lm-eval brings it), and its model classes import assisted decoding: 0.6 s of every
-    engine start on a 2-core machine (bench/engine_start.py). chatvec never decodes with an assistant model, and
-    transformers treats "scikit-learn unavailable" as "no confidence-threshold tuning", so the
-    check is answered False for the modules that have not been imported yet."""
+    engine start on a 2-core machine (bench/engine_start.py). chatvec never decodes with an
+    assistant model, and transformers treats "scikit-learn unavailable" as "no
+    confidence-threshold tuning", so the check is answered False for the modules that have not been
+    imported yet."""
     import transformers
 
     if "transformers.generation.candidate_generator" not in sys.modules:
